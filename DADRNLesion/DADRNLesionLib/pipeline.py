@@ -1,0 +1,370 @@
+"""Volume in, results out: the one entry point the CLI, the Slicer module and the tests call.
+
+    CT -> axial frame -> liver mask -> liver slices in batches -> DADRN + Grad-CAM
+       -> per-slice class, probabilities, heatmap -> lesion label map -> input geometry
+
+Batches stream through the model, so memory grows with the batch, not the volume; progress is
+reported per batch and a cancel request is honoured between batches.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from . import __version__
+from .cam import GradCAM, normalise_per_slice
+from .classes import CLASS_NAMES, LABEL_BY_KEY, LESION_CLASSES, LIVER_VALUE, label_value_of_class
+from .errors import Cancelled, UserInputError
+from .orientation import to_axial_frame
+from .preprocess import liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
+from .results import PipelineResult, SliceResult
+from .volume import Volume
+from .weights import DEMO_WEIGHTS, LoadedModel, load_checkpoint, random_model
+
+__all__ = ["PipelineOptions", "run_pipeline", "resolve_device", "load_model", "validate_ct", "ProgressFn"]
+
+ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+CancelFn = Callable[[], bool]
+
+CPU_BATCH = 8
+MAX_GPU_BATCH = 512
+
+
+@dataclass
+class PipelineOptions:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    batch_size: Optional[int] = None  # None: 8 on CPU, sized from free memory on a GPU
+    cam_threshold: float = 0.5
+    amp: Optional[bool] = None  # None: on for CUDA (bf16 where supported, else fp16)
+    threads: Optional[int] = None  # intra-op CPU threads; None: physical cores
+    liver_method: str = "auto"  # auto (built-in) | totalsegmentator
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.cam_threshold < 1.0:
+            raise UserInputError(f"--cam-threshold must be between 0 and 1 (exclusive), not {self.cam_threshold}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserInputError(f"--batch-size must be at least 1, not {self.batch_size}")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserInputError("--device cuda was asked for but PyTorch sees no CUDA GPU: use --device cpu, or install a CUDA build of PyTorch")
+        return torch.device(name)
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise UserInputError("--device mps was asked for but Apple's MPS backend is not available: use --device cpu")
+        return torch.device("mps")
+    if name == "cpu":
+        return torch.device("cpu")
+    raise UserInputError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+def load_model(weights: Union[str, os.PathLike, None] = None, *, allow_untrained: bool = True) -> LoadedModel:
+    """The checkpoint at `weights`, else the shipped demo model, else (if allowed) an untrained one."""
+    if weights is not None:
+        return load_checkpoint(weights)
+    if DEMO_WEIGHTS.is_file():
+        return load_checkpoint(DEMO_WEIGHTS)
+    if not allow_untrained:
+        raise UserInputError(f"no weights given and the demo model {DEMO_WEIGHTS} is missing: pass --weights FILE")
+    return random_model("dadrn50-b")
+
+
+def physical_cores() -> int:
+    logical = os.cpu_count() or 1
+    try:
+        import psutil  # optional
+
+        return psutil.cpu_count(logical=False) or logical
+    except ImportError:
+        pass
+    try:
+        pairs, socket = set(), "0"
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("physical id"):
+                    socket = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    pairs.add((socket, line.split(":")[1].strip()))
+        return len(pairs) or logical
+    except OSError:
+        return logical
+
+
+def validate_ct(ct: Volume) -> None:
+    a = ct.array
+    if a.ndim != 3:
+        raise UserInputError(f"the image has {a.ndim} dimensions; a 3D CT volume is needed")
+    if min(a.shape) < 1 or a.shape[1] < 16 or a.shape[2] < 16:
+        raise UserInputError(f"the volume is too small ({a.shape[2]}x{a.shape[1]}x{a.shape[0]} voxels) to hold an abdomen")
+    if not np.issubdtype(a.dtype, np.number) or np.issubdtype(a.dtype, np.complexfloating):
+        raise UserInputError(f"voxel type {a.dtype} is not a CT intensity type")
+    if np.issubdtype(a.dtype, np.floating):
+        finite = np.isfinite(a)
+        if not finite.all():
+            raise UserInputError(f"the volume holds {int((~finite).sum())} NaN or infinite voxels: fix or re-export the CT")
+    lo, hi = float(a.min()), float(a.max())
+    if hi - lo < 1.0:
+        raise UserInputError(f"the volume is constant ({lo:g}): it holds no image; check the file")
+    if lo > -200.0:
+        raise UserInputError(
+            f"intensities {lo:g}..{hi:g} do not look like CT in Hounsfield units (no air below -200 HU): "
+            "use a CT volume with rescale slope/intercept applied"
+        )
+    if any(s <= 0 or not np.isfinite(s) for s in ct.spacing):
+        raise UserInputError(f"voxel spacing {ct.spacing} is not positive: the file's geometry is broken")
+
+
+@contextmanager
+def _threads(n: Optional[int], device: torch.device) -> Iterator[None]:
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n or physical_cores()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _amp_dtype(device: torch.device, amp: Optional[bool]) -> Optional[torch.dtype]:
+    if amp is False or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _gpu_batch_size(loaded: LoadedModel, device: torch.device, amp_dtype: Optional[torch.dtype]) -> int:
+    """Batch size from free GPU memory, measured with a 2-slice dry run (keeping half the memory free)."""
+    size = loaded.card.input.size
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    GradCAM(loaded.model, amp_dtype)(torch.zeros(2, 3, size, size, device=device))
+    per_slice = max(1, (torch.cuda.max_memory_allocated(device) - base) // 2)
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(max(1, min(MAX_GPU_BATCH, (free * 0.5) // per_slice)))
+
+
+def _check_liver(liver: Volume, ct: Volume, user_given: bool) -> Volume:
+    ct.require_same_geometry(liver, "liver mask")
+    a = liver.array
+    if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+        raise UserInputError("the liver mask holds NaN or infinite values; save it as a label map")
+    values = np.unique(a)
+    if values.size > 2 and user_given:
+        raise UserInputError(
+            f"the liver mask is not binary (values {', '.join(str(v) for v in values[:6])}{'…' if values.size > 6 else ''}): "
+            "save the liver alone as 0/1"
+        )
+    mask = (a > 0).astype(np.uint8)
+    if not mask.any():
+        raise UserInputError("the liver mask is empty: give a mask that contains the liver, or omit it to segment automatically")
+    return liver.with_array(mask)
+
+
+def run_pipeline(
+    ct: Volume,
+    *,
+    liver_mask: Optional[Volume] = None,
+    model: Optional[LoadedModel] = None,
+    options: Optional[PipelineOptions] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelFn] = None,
+    input_description: Optional[dict[str, Any]] = None,
+) -> PipelineResult:
+    options = options or PipelineOptions()
+    progress = progress or (lambda stage, done, total: None)
+    cancelled = cancel or (lambda: False)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    validate_ct(ct)
+    device = resolve_device(options.device)
+    loaded = model or load_model()
+    axial, frame = to_axial_frame(ct)
+    timings["validate"] = time.perf_counter() - t0
+
+    # -- liver -----------------------------------------------------------------------------
+    t = time.perf_counter()
+    progress("liver", 0, 1)
+    if liver_mask is not None:
+        liver_source = "user"
+        liver_in = _check_liver(liver_mask, ct, user_given=True)
+        liver = frame.to_canonical(liver_in.array)
+    else:
+        liver_source = options.liver_method
+        from . import liver as liver_module
+
+        if options.liver_method == "totalsegmentator":
+            liver = frame.to_canonical(liver_module.totalsegmentator_liver(ct).array > 0)
+        else:
+            liver = liver_module.segment_liver(axial).array > 0
+    liver = np.ascontiguousarray(liver, dtype=np.uint8)
+    progress("liver", 1, 1)
+    timings["liver"] = time.perf_counter() - t
+    if cancelled():
+        raise Cancelled("cancelled after the liver mask")
+
+    # -- slices through the model ----------------------------------------------------------
+    t = time.perf_counter()
+    spec = loaded.card.input
+    slices = liver_slice_indices(liver)
+    box = liver_crop_box(liver, (axial.spacing[0], axial.spacing[1]), spec.margin_mm)
+    amp_dtype = _amp_dtype(device, options.amp)
+    net = loaded.model.to(device).eval()
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    cam = GradCAM(net, amp_dtype)
+    batch = options.batch_size or (_gpu_batch_size(loaded, device, amp_dtype) if device.type == "cuda" else CPU_BATCH)
+    timings["setup"] = time.perf_counter() - t
+
+    n_slices, rows, cols = liver.shape
+    heat = np.zeros((n_slices, rows, cols), dtype=np.float32)
+    probs = np.zeros((len(slices), len(CLASS_NAMES)), dtype=np.float32)
+    stage_t = {"preprocess": 0.0, "model": 0.0, "postprocess": 0.0}
+    progress("model", 0, len(slices))
+    with _threads(options.threads, device):
+        start = 0
+        pending = None
+        while start < len(slices):
+            if cancelled():
+                raise Cancelled(f"cancelled after {start} of {len(slices)} slices")
+            ks = slices[start : start + batch]
+            t = time.perf_counter()
+            x = prepare_batch(axial.array, liver, ks, box, spec, device=device)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            stage_t["preprocess"] += time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                out = cam(x)
+                maps = out.cams
+                p = out.probabilities.cpu().numpy()
+            except torch.cuda.OutOfMemoryError:
+                if batch == 1:
+                    raise
+                batch = max(1, batch // 2)
+                torch.cuda.empty_cache()
+                continue
+            stage_t["model"] += time.perf_counter() - t
+            t = time.perf_counter()
+            lesion_rows = p.argmax(axis=1) != 0
+            probs[start : start + len(ks)] = p
+            if lesion_rows.any():
+                placed = maps_to_slices(maps[torch.from_numpy(lesion_rows).to(maps.device)], box, (rows, cols))
+                idx = np.asarray(ks)[lesion_rows]
+                heat[idx] = normalise_per_slice(placed * liver[idx])
+            stage_t["postprocess"] += time.perf_counter() - t
+            start += len(ks)
+            progress("model", start, len(slices))
+    timings.update(stage_t)
+
+    # -- label map and per-slice table -----------------------------------------------------
+    t = time.perf_counter()
+    labels = liver.astype(np.uint8) * LIVER_VALUE
+    predicted = probs.argmax(axis=1) if len(slices) else np.zeros(0, dtype=np.int64)
+    results: list[SliceResult] = []
+    z_positions = ct.slice_positions_mm()
+    for row, k in enumerate(slices):
+        name = CLASS_NAMES[int(predicted[row])]
+        peak = None
+        if name != "normal":
+            h = heat[k]
+            region = (h >= options.cam_threshold) & (liver[k] > 0)
+            labels[k][region] = label_value_of_class(name)
+            j, i = np.unravel_index(int(np.argmax(h)), h.shape)
+            kk, jj, ii = frame.canonical_index_to_input(int(k), int(j), int(i))
+            peak = (ii, jj)
+        k_in = frame.canonical_index_to_input(int(k), 0, 0)[0] if frame.slice_axis_is_axial else int(k)
+        z = float(z_positions[k_in]) if frame.slice_axis_is_axial else float(axial.slice_positions_mm()[k])
+        results.append(SliceResult(int(k_in), z, name, probs[row].copy(), peak))
+    results.sort(key=lambda s: s.slice_index)
+
+    liver_out = ct.with_array(frame.from_canonical(liver))
+    heat_out = ct.with_array(frame.from_canonical(heat))
+    labels_out = ct.with_array(frame.from_canonical(labels))
+    timings["postprocess"] += time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+
+    report = _report(ct, liver_out, results, loaded, device, amp_dtype, batch, options, timings, frame, liver_source, input_description)
+    try:
+        from .liver import check_liver_mask
+
+        report["liver_check"] = check_liver_mask(liver_out, ct)
+    except ImportError:
+        report["liver_check"] = {"warnings": []}
+    return PipelineResult(liver_out, heat_out, labels_out, results, report)
+
+
+def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timings, frame, liver_source, input_description) -> dict[str, Any]:
+    counts = {name: 0 for name in CLASS_NAMES}
+    for s in results:
+        counts[s.predicted_class] += 1
+    lesion_counts = {c: counts[c] for c in LESION_CLASSES}
+    dominant = max(lesion_counts, key=lambda c: (lesion_counts[c], sum(float(s.probabilities[CLASS_NAMES.index(c)]) for s in results)))
+    if lesion_counts[dominant] == 0:
+        summary = {"finding": "no lesion slices", "dominant_class": None, "slices": []}
+    else:
+        summary = {
+            "finding": f"{LABEL_BY_KEY[dominant].name} on {lesion_counts[dominant]} slice(s)",
+            "dominant_class": dominant,
+            "slices": [s.slice_index for s in results if s.predicted_class == dominant],
+            "mean_probability": float(np.mean([s.probabilities[CLASS_NAMES.index(dominant)] for s in results if s.predicted_class == dominant])),
+        }
+    card = loaded.card
+    return {
+        "input": {
+            **(input_description or {}),
+            "size_ijk": list(ct.size_ijk),
+            "spacing_mm": list(ct.spacing),
+            "origin_lps": list(ct.origin),
+            "direction": ct.direction.round(6).tolist(),
+            "dtype": str(ct.array.dtype),
+            "orientation": frame.describe(),
+        },
+        "liver": {"source": liver_source, "volume_ml": float(liver.array.sum()) * ct.voxel_volume_ml, "slices": len(results)},
+        "slice_counts": counts,
+        "summary": summary,
+        "cam_threshold": options.cam_threshold,
+        "model": {
+            "id": card.model_id,
+            "architecture": card.config.display_name,
+            "sha256": card.sha256 or None,
+            "path": str(loaded.path) if loaded.path else None,
+            "trained": loaded.trained,
+            "intended_use": card.intended_use,
+            "input": card.input.to_dict(),
+        },
+        "device": {
+            "name": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else None,
+            "batch_size": batch,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        },
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        "versions": {
+            "dadrn_lesion": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "warnings": [] if loaded.trained else ["the model is UNTRAINED (random weights): the classes and heatmaps are meaningless"],
+    }
