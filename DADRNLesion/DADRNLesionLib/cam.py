@@ -43,18 +43,16 @@ class GradCAM:
     def __call__(self, images: torch.Tensor, target: Optional[torch.Tensor] = None) -> CamOutput:
         with torch.inference_mode(), self._autocast(images.device):
             features = self.model.features(images)
-        # A clone made outside inference mode is an ordinary tensor that autograd may track.
-        features = features.float().clone().requires_grad_(True)
+        # A clone made outside inference mode is an ordinary tensor that autograd may track; it
+        # stays in the autocast dtype (the head pools in float32), so the copy is the only extra pass.
+        features = features.clone().requires_grad_(True)
         with torch.enable_grad():
-            logits = self.model.head(features)
+            logits = self.model.head(features).float()
             chosen = logits.argmax(dim=1) if target is None else target.to(logits.device).long()
             score = logits.gather(1, chosen[:, None]).sum()
             (grads,) = torch.autograd.grad(score, features)
         with torch.no_grad():
-            weights = grads.mean(dim=(2, 3), keepdim=True)
-            cams = F.relu((weights * features).sum(dim=1))
-            logits = logits.detach()
-            return CamOutput(logits, torch.softmax(logits, dim=1), chosen.detach(), cams)
+            return CamOutput(logits.detach(), torch.softmax(logits.detach(), dim=1), chosen.detach(), _weighted_maps(grads, features))
 
 
 def naive_grad_cam(model: torch.nn.Module, images: torch.Tensor, target: Optional[torch.Tensor] = None) -> CamOutput:
@@ -68,17 +66,27 @@ def naive_grad_cam(model: torch.nn.Module, images: torch.Tensor, target: Optiona
         logits.gather(1, chosen[:, None]).sum().backward()
         grads = features.grad
     with torch.no_grad():
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        cams = F.relu((weights * features.detach()).sum(dim=1)).float()
+        cams = _weighted_maps(grads, features.detach())
         logits = logits.detach().float()
     model.zero_grad(set_to_none=True)
     return CamOutput(logits, torch.softmax(logits, dim=1), chosen.detach(), cams)
 
 
+def _weighted_maps(grads: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """ReLU(sum_k mean(dy/dA_k) A_k) as one batched matrix product, in float32."""
+    n, c, h, w = features.shape
+    weights = grads.float().mean(dim=(2, 3)).to(features.dtype)  # (n, C)
+    maps = torch.bmm(weights[:, None, :], features.reshape(n, c, h * w)).reshape(n, h, w)
+    return F.relu(maps.float())
+
+
 def normalise_per_slice(maps: np.ndarray) -> np.ndarray:
     """Scale each 2D map (leading axis = slice) to [0, 1] by its maximum; an all-zero map stays 0."""
     maps = np.asarray(maps, dtype=np.float32)
-    peak = maps.reshape(maps.shape[0], -1).max(axis=1) if maps.size else np.zeros(0, np.float32)
-    scale = np.where(peak > 0, 1.0 / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
-    out = maps * scale.reshape((-1,) + (1,) * (maps.ndim - 1))
+    if maps.size == 0:
+        return maps.copy()
+    peak = maps.reshape(maps.shape[0], -1).max(axis=1).reshape((-1,) + (1,) * (maps.ndim - 1))
+    # Divide (not multiply by a reciprocal) so that each slice's maximum becomes exactly 1.0.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(peak > 0, maps / np.where(peak > 0, peak, 1.0), 0.0).astype(np.float32)
     return np.clip(np.nan_to_num(out, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)

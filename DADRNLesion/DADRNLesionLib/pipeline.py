@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .cam import GradCAM, normalise_per_slice
 from .classes import CLASS_NAMES, LABEL_BY_KEY, LESION_CLASSES, LIVER_VALUE, label_value_of_class
-from .errors import Cancelled, UserInputError
+from .errors import Cancelled, UserInputError, WeightsError
 from .orientation import to_axial_frame
 from .preprocess import liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
 from .results import PipelineResult, SliceResult
@@ -195,10 +195,10 @@ def run_pipeline(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    validate_ct(ct)
+    axial, frame = to_axial_frame(ct)
+    validate_ct(axial)  # in the axial frame: a sagittal-stored volume's in-plane size is the axial one
     device = resolve_device(options.device)
     loaded = model or load_model()
-    axial, frame = to_axial_frame(ct)
     timings["validate"] = time.perf_counter() - t0
 
     # -- liver -----------------------------------------------------------------------------
@@ -235,46 +235,14 @@ def run_pipeline(
     batch = options.batch_size or (_gpu_batch_size(loaded, device, amp_dtype) if device.type == "cuda" else CPU_BATCH)
     timings["setup"] = time.perf_counter() - t
 
-    n_slices, rows, cols = liver.shape
-    heat = np.zeros((n_slices, rows, cols), dtype=np.float32)
-    probs = np.zeros((len(slices), len(CLASS_NAMES)), dtype=np.float32)
-    stage_t = {"preprocess": 0.0, "model": 0.0, "postprocess": 0.0}
-    progress("model", 0, len(slices))
     with _threads(options.threads, device):
-        start = 0
-        pending = None
-        while start < len(slices):
-            if cancelled():
-                raise Cancelled(f"cancelled after {start} of {len(slices)} slices")
-            ks = slices[start : start + batch]
-            t = time.perf_counter()
-            x = prepare_batch(axial.array, liver, ks, box, spec, device=device)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            stage_t["preprocess"] += time.perf_counter() - t
-            t = time.perf_counter()
-            try:
-                out = cam(x)
-                maps = out.cams
-                p = out.probabilities.cpu().numpy()
-            except torch.cuda.OutOfMemoryError:
-                if batch == 1:
-                    raise
-                batch = max(1, batch // 2)
-                torch.cuda.empty_cache()
-                continue
-            stage_t["model"] += time.perf_counter() - t
-            t = time.perf_counter()
-            lesion_rows = p.argmax(axis=1) != 0
-            probs[start : start + len(ks)] = p
-            if lesion_rows.any():
-                placed = maps_to_slices(maps[torch.from_numpy(lesion_rows).to(maps.device)], box, (rows, cols))
-                idx = np.asarray(ks)[lesion_rows]
-                heat[idx] = normalise_per_slice(placed * liver[idx])
-            stage_t["postprocess"] += time.perf_counter() - t
-            start += len(ks)
-            progress("model", start, len(slices))
+        heat, probs, batch, stage_t = _classify_slices(axial.array, liver, slices, box, spec, cam, device, batch, progress, cancelled)
     timings.update(stage_t)
+    if not np.isfinite(probs).all():  # NaN would argmax to "normal" and pass unnoticed
+        raise WeightsError(
+            f"the model gave non-finite probabilities on {int((~np.isfinite(probs).all(axis=1)).sum())} slice(s): its weights "
+            "hold NaN/infinite values (use another checkpoint), or half precision overflowed on the GPU (try --no-amp)"
+        )
 
     # -- label map and per-slice table -----------------------------------------------------
     t = time.perf_counter()
@@ -311,6 +279,64 @@ def run_pipeline(
     except ImportError:
         report["liver_check"] = {"warnings": []}
     return PipelineResult(liver_out, heat_out, labels_out, results, report)
+
+
+def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress, cancelled):
+    """Stream liver slices through model + Grad-CAM in batches.
+
+    On a GPU the next batch is cut and copied while the current one runs: results of batch i are
+    collected only after batch i+1 has been queued. A CUDA out-of-memory halves the batch and
+    retries it. Returns (heatmap volume, probabilities, final batch size, stage timings).
+    """
+    n_slices, rows, cols = liver.shape
+    heat = np.zeros((n_slices, rows, cols), dtype=np.float32)
+    probs = np.zeros((len(slices), len(CLASS_NAMES)), dtype=np.float32)
+    stage_t = {"preprocess": 0.0, "model": 0.0, "postprocess": 0.0}
+    progress("model", 0, len(slices))
+
+    def collect(first: int, ks: np.ndarray, out) -> None:
+        t = time.perf_counter()
+        p = out.probabilities.cpu().numpy()  # waits for this batch on a GPU
+        stage_t["model"] += time.perf_counter() - t
+        t = time.perf_counter()
+        probs[first : first + len(ks)] = p
+        lesion_rows = p.argmax(axis=1) != 0
+        if lesion_rows.any():
+            keep = torch.from_numpy(lesion_rows).to(out.cams.device)
+            placed = maps_to_slices(out.cams[keep], box, (rows, cols))
+            idx = ks[lesion_rows]
+            heat[idx] = normalise_per_slice(placed * liver[idx])
+        stage_t["postprocess"] += time.perf_counter() - t
+        progress("model", first + len(ks), len(slices))
+
+    start, pending = 0, None
+    while start < len(slices):
+        if cancelled():
+            raise Cancelled(f"cancelled after {start} of {len(slices)} slices")
+        ks = np.asarray(slices[start : start + batch])
+        t = time.perf_counter()
+        x = prepare_batch(ct, liver, ks, box, spec, device=device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        stage_t["preprocess"] += time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            out = cam(x)
+        except torch.cuda.OutOfMemoryError:
+            if batch == 1:
+                raise
+            del x
+            batch = max(1, batch // 2)
+            torch.cuda.empty_cache()
+            continue
+        stage_t["model"] += time.perf_counter() - t
+        if pending is not None:
+            collect(*pending)
+        pending = (start, ks, out)
+        start += len(ks)
+    if pending is not None:
+        collect(*pending)
+    return heat, probs, batch, stage_t
 
 
 def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timings, frame, liver_source, input_description) -> dict[str, Any]:
@@ -365,6 +391,14 @@ def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timin
             "torch": torch.__version__,
             "numpy": np.__version__,
             "python": platform.python_version(),
+        },
+        # Inference draws no random numbers (eval mode, no dropout or sampling): the same input,
+        # weights, device and thread count give the same labels and probabilities.
+        "determinism": {
+            "random_numbers_used": False,
+            "torch_seed": torch.initial_seed(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         },
         "warnings": [] if loaded.trained else ["the model is UNTRAINED (random weights): the classes and heatmaps are meaningless"],
     }

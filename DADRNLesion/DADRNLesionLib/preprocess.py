@@ -109,13 +109,21 @@ def prepare_batch(
     """
     ks = neighbour_indices(slices, ct.shape[0])
     sl = (ks, slice(box.j0, box.j1), slice(box.i0, box.i1))
-    raw = torch.from_numpy(np.ascontiguousarray(ct[sl])).to(device)
-    inside = torch.from_numpy(np.ascontiguousarray(liver[sl] > 0)).to(device)
+    raw = _to_device(np.ascontiguousarray(ct[sl]), device)
+    inside = _to_device(np.ascontiguousarray(liver[sl] > 0), device)
     lo, hi = spec.window
     x = raw.to(dtype if dtype != torch.float16 else torch.float32)
     x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0) * inside
     x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=False)
     return x.to(dtype).contiguous()
+
+
+def _to_device(array: np.ndarray, device) -> torch.Tensor:
+    """Host array to `device`; to a GPU through pinned memory so the copy overlaps running kernels."""
+    tensor = torch.from_numpy(array)
+    if torch.device(device).type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def maps_to_slices(maps: torch.Tensor, box: CropBox, slice_shape: tuple[int, int]) -> np.ndarray:

@@ -105,8 +105,9 @@ class LesionClassifier(nn.Module):
         return self.attention(self.backbone(x))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
-        pooled = features.mean(dim=(2, 3))
-        return self.fc(self.dropout(pooled))
+        # Pool in float32 whatever the autocast dtype: 784 bfloat16 terms lose too many digits.
+        pooled = features.mean(dim=(2, 3), dtype=torch.float32)
+        return self.fc(self.dropout(pooled.to(self.fc.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
