@@ -28,7 +28,21 @@ __all__ = ["LoadedModel", "ModelCard", "save_checkpoint", "load_checkpoint", "ra
 
 PathLike = Union[str, os.PathLike]
 CARD_FORMAT = 1
-DEMO_WEIGHTS = Path(__file__).resolve().parents[2] / "Resources" / "Models" / "dadrn_demo.safetensors"
+
+
+def _demo_weights() -> Path:
+    """Resources/Models in the source tree (two folders up) or in a built Slicer module (one up)."""
+    here = Path(__file__).resolve()
+    candidates = [here.parents[2] / "Resources" / "Models", here.parents[1] / "Resources" / "Models"]
+    if os.environ.get("DADRN_LESION_MODELS"):
+        candidates.insert(0, Path(os.environ["DADRN_LESION_MODELS"]))
+    for folder in candidates:
+        if (folder / "dadrn_demo.safetensors").is_file():
+            return folder / "dadrn_demo.safetensors"
+    return here.parents[2] / "Resources" / "Models" / "dadrn_demo.safetensors"  # where it ships
+
+
+DEMO_WEIGHTS = _demo_weights()
 
 
 @dataclass
