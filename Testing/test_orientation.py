@@ -66,5 +66,6 @@ def test_oblique_volume_uses_the_nearest_axes(base):
     oblique = Volume(base.array, base.spacing, base.origin, rot @ np.diag([1, -1, 1]))
     canon, frame = to_axial_frame(oblique)
     assert frame.flip == (False, True, False)
+    assert "oblique by up to 20.0 degrees" in frame.describe()
     assert np.array_equal(frame.from_canonical(canon.array), oblique.array)
     assert np.allclose(lps_of(canon, 0, 0, 0), lps_of(oblique, *frame.canonical_index_to_input(0, 0, 0)))

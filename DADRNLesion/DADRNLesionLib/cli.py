@@ -59,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     reporter = Reporter(getattr(args, "progress_format", "text"), getattr(args, "quiet", False))
     args.reporter = reporter
+    _cancel_on_sigterm()
     try:
         return int(args.run(args) or 0)
     except UserInputError as exc:
@@ -83,6 +84,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reporter.error("internal", message)
         print(f"dadrn-lesion: {message}", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _cancel_on_sigterm() -> None:
+    """Treat SIGTERM (how the Slicer module cancels) like Ctrl-C, so partial outputs are cleaned up."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return
+
+    def handler(signum, frame):
+        raise Cancelled("terminated")
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:

@@ -25,6 +25,7 @@ class AxialFrame:
     perm: tuple[int, int, int]
     flip: tuple[bool, bool, bool]
     input_shape: tuple[int, int, int]
+    obliquity_deg: float = 0.0  # largest angle between an array axis and its nearest patient axis
 
     @property
     def is_identity(self) -> bool:
@@ -60,10 +61,14 @@ class AxialFrame:
         return tuple(out)  # type: ignore[return-value]
 
     def describe(self) -> str:
+        oblique = (
+            f"; oblique by up to {self.obliquity_deg:.1f} degrees, processed in its nearest axis order without resampling"
+            if self.obliquity_deg > 0.5 else ""
+        )
         if self.is_identity:
-            return "stored axial (LPS-aligned); no reorientation"
+            return f"stored axial (LPS-aligned); no reorientation{oblique}"
         what = "axes flipped" if self.slice_axis_is_axial else "stored axis is not axial; axes permuted"
-        return f"{what} to the axial frame without interpolation (permutation {self.perm}, flips {self.flip}), results mapped back"
+        return f"{what} to the axial frame without interpolation (permutation {self.perm}, flips {self.flip}), results mapped back{oblique}"
 
 
 def to_axial_frame(volume: Volume) -> tuple[Volume, AxialFrame]:
@@ -81,7 +86,9 @@ def to_axial_frame(volume: Volume) -> tuple[Volume, AxialFrame]:
     # Canonical array axis c holds LPS axis (2 - c): k<-S(2), j<-P(1), i<-L(0).
     perm = tuple(dominant.index(2 - c) for c in range(3))
     flip = tuple(bool(d[2 - c, 2 - perm[c]] < 0) for c in range(3))
-    frame = AxialFrame(perm, flip, volume.shape)  # type: ignore[arg-type]
+    cosines = [abs(d[2 - c, 2 - perm[c]]) / max(np.linalg.norm(d[:, 2 - perm[c]]), 1e-12) for c in range(3)]
+    obliquity = float(np.degrees(np.arccos(np.clip(min(cosines), -1.0, 1.0))))
+    frame = AxialFrame(perm, flip, volume.shape, obliquity)  # type: ignore[arg-type]
     if frame.is_identity:
         return volume, frame
     array = frame.to_canonical(volume.array)

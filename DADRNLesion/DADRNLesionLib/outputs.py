@@ -1,8 +1,9 @@
 """Write one study's results folder, atomically: a killed run never leaves a folder that looks complete.
 
-Files are written into a hidden sibling folder and renamed into place once all are written; an
-existing results folder is replaced only with ``overwrite=True``, and only after the new one is
-complete.
+Files are written into a hidden sibling folder (``.NAME.partial-PID-*``) and renamed into place once
+all are written; an existing results folder is replaced only with ``overwrite=True``, and only after
+the new one is complete (moved aside as ``.NAME.old-PID``, then deleted). What a killed run leaves
+behind is cleaned up by the next run for the same folder (`clean_stale`).
 """
 
 from __future__ import annotations
@@ -20,17 +21,38 @@ import numpy as np
 
 from .classes import ANATOMIC_REGION, LABELS
 from .errors import OutputExistsError, UserInputError
-from .io import write_volume
+from .io import WriteError, write_volume
 from .results import SLICE_CSV_COLUMNS, PipelineResult
 from .volume import Volume
 
-__all__ = ["write_results", "write_seg_nrrd", "write_colour_table", "RESULT_FILES", "results_exist"]
+__all__ = ["write_results", "write_seg_nrrd", "write_colour_table", "RESULT_FILES", "results_exist", "check_output_location", "clean_stale"]
 
 RESULT_FILES = ("labelmap.nii.gz", "labelmap.csv", "heatmap.nii.gz", "lesions.seg.nrrd", "slices.csv", "report.json", "overview.png")
 
 
 def results_exist(out_dir: Path) -> bool:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserInputError(f"the output path {out_dir} is a file, not a folder: choose another --out folder")
     return out_dir.exists() and any(out_dir.iterdir())
+
+
+def check_output_location(out_dir) -> None:
+    """Fail before hours of work when `out_dir` cannot be created or written: its nearest existing
+    ancestor must be a folder this process can create files in (probed, since root ignores modes)."""
+    out_dir = Path(out_dir)
+    results_exist(out_dir)
+    probe = out_dir.parent if str(out_dir.parent) else Path(".")  # where the staging folder goes
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserInputError(f"cannot create the output folder {out_dir}: {probe} is a file, not a folder; choose another --out folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".dadrn-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise UserInputError(f"cannot write into {probe} ({exc.strerror or exc}): choose a writable --out folder") from None
 
 
 def write_colour_table(path: Path) -> None:
@@ -103,14 +125,16 @@ def _slices_csv(result: PipelineResult, path: Path) -> None:
 def write_results(result: PipelineResult, out_dir, *, ct: Optional[Volume] = None, overwrite: bool = False) -> Path:
     """Write every result file into `out_dir`; returns the folder. `ct` enables overview.png."""
     out_dir = Path(out_dir)
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    if parent.is_dir():
+        clean_stale(out_dir)
     if results_exist(out_dir) and not overwrite:
         raise OutputExistsError(f"{out_dir} already holds files: choose another --out folder, or pass --overwrite to replace it")
-    parent = out_dir.parent if str(out_dir.parent) else Path(".")
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out_dir)}{os.getpid()}-", dir=parent))
     except OSError as exc:
-        raise UserInputError(f"cannot create the output folder in {parent} ({exc.strerror}): choose a writable --out folder") from None
+        raise UserInputError(f"cannot create the output folder in {parent} ({exc.strerror or exc}): choose a writable --out folder") from None
     t = time.perf_counter()
     try:
         write_volume(result.labelmap.with_array(result.labelmap.array.astype(np.uint8)), staging / "labelmap.nii.gz")
@@ -124,25 +148,87 @@ def write_results(result: PipelineResult, out_dir, *, ct: Optional[Volume] = Non
             render_overview(ct, result, staging / "overview.png")
         result.report.setdefault("timings_s", {})["write"] = round(time.perf_counter() - t, 4)
         result.report["outputs"] = sorted(p.name for p in staging.iterdir()) + ["report.json"]
+        # Written last: a folder without report.json is never a result.
         (staging / "report.json").write_text(json.dumps(result.report, indent=2, default=_json_default) + "\n")
         _swap_into_place(staging, out_dir)
-    except OSError as exc:
+    except (OSError, WriteError) as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        raise UserInputError(f"cannot write results to {out_dir} ({exc.strerror or exc}): free some disk space or choose another --out folder") from None
+        detail = exc.detail if isinstance(exc, WriteError) else (exc.strerror or str(exc))
+        raise UserInputError(f"cannot write results to {out_dir} ({detail}): free some disk space or choose another --out folder") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
 
 
+def _staging_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.partial-"
+
+
+def _old_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}.old-"
+
+
 def _swap_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    """Rename the complete staging folder to `out_dir`; an existing `out_dir` is moved aside first
+    and deleted only once the new one is in place, or moved back if the rename fails."""
+    if not out_dir.exists():
+        os.replace(staging, out_dir)
+        return
+    old = out_dir.with_name(f"{_old_prefix(out_dir)}{os.getpid()}")
+    try:
         os.replace(out_dir, old)
         os.replace(staging, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out_dir)
+    except BaseException:
+        if old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: leave its files alone
+    return True
+
+
+def clean_stale(out_dir: Path) -> list[Path]:
+    """Remove what killed runs left beside `out_dir` (staging folders of dead processes), and move
+    back old results a run killed mid-swap had moved aside. Returns the paths handled.
+
+    A folder whose process still runs is left alone; names without a process id are left alone
+    unless a day old."""
+    out_dir = Path(out_dir)
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    handled = []
+    try:
+        siblings = list(parent.iterdir())
+    except OSError:
+        return handled
+    for prefix in (_old_prefix(out_dir), _staging_prefix(out_dir)):
+        for path in sorted(p for p in siblings if p.name.startswith(prefix) and p.is_dir()):
+            tail = path.name[len(prefix):]
+            pid_text = tail.split("-", 1)[0]
+            if pid_text.isdigit():
+                if _pid_alive(int(pid_text)):
+                    continue
+            elif time.time() - path.stat().st_mtime < 86400:
+                continue
+            try:
+                if prefix == _old_prefix(out_dir) and not out_dir.exists():
+                    os.replace(path, out_dir)  # the previous results, moved aside by a run killed mid-swap
+                else:
+                    shutil.rmtree(path)
+                handled.append(path)
+            except OSError:
+                continue
+    return handled
 
 
 def _json_default(obj):

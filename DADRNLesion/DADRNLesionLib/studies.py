@@ -11,13 +11,13 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 from .errors import UserInputError
 from .io import VOLUME_SUFFIXES, read_mask, read_volume
 from .volume import Volume
 
-__all__ = ["Study", "expand_inputs", "prefetch"]
+__all__ = ["Study", "LoadedStudy", "expand_inputs", "prefetch"]
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,21 @@ def expand_inputs(inputs: Iterable[str], liver_mask: Optional[str] = None) -> li
     return unique
 
 
-def _load(study: Study, series_uid: Optional[str]) -> tuple[Volume, Optional[Volume]]:
-    ct = read_volume(study.path, series_uid=series_uid)
-    mask = read_mask(study.liver_mask, like=ct) if study.liver_mask is not None else None
-    return ct, mask
+class LoadedStudy(NamedTuple):
+    ct: Volume
+    liver_mask: Optional[Volume]
+    notes: list[str]  # what reading left out or doubted (e.g. a localizer image), for the user and the report
 
 
-def prefetch(studies: list[Study], series_uid: Optional[str] = None) -> Iterator[tuple[Study, "Future[tuple[Volume, Optional[Volume]]]"]]:
+def _load(study: Study, series_uid: Optional[str]) -> LoadedStudy:
+    notes: list[str] = []
+    # Refused up front, before any voxel is read, when classifying it would not fit in memory.
+    ct = read_volume(study.path, series_uid=series_uid, notes=notes, memory_for="pipeline")
+    mask = read_mask(study.liver_mask, like=ct, require_binary=True) if study.liver_mask is not None else None
+    return LoadedStudy(ct, mask, notes)
+
+
+def prefetch(studies: list[Study], series_uid: Optional[str] = None) -> Iterator[tuple[Study, "Future[LoadedStudy]"]]:
     """Yield (study, future of its volumes); the next study is read in the background."""
     if not studies:
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -75,11 +76,17 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":
+        if not isinstance(data, dict):
+            raise WeightsError(f"the model card is a JSON {type(data).__name__}, not an object; use a card written by `dadrn-lesion train`")
+        if int(data.get("format", CARD_FORMAT)) > CARD_FORMAT:
+            raise WeightsError(
+                f"the model card has format {data.get('format')}, newer than this version reads ({CARD_FORMAT}): update DADRNLesion"
+            )
         try:
             extra = {k: v for k, v in data.items() if k not in {
                 "format", "model_id", "architecture", "architecture_name", "classes", "input", "sha256",
                 "intended_use", "training", "metrics", "package_version"}}
-            return cls(
+            card = cls(
                 model_id=str(data["model_id"]),
                 config=ModelConfig.from_dict(data["architecture"]),
                 input=InputSpec.from_dict(data.get("input", {})),
@@ -92,6 +99,13 @@ class ModelCard:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WeightsError(f"the model card is malformed ({exc}); use a card written by `dadrn-lesion train`") from None
+        named = data.get("architecture_name")
+        if named is not None and named != card.config.display_name:
+            raise WeightsError(f"the model card names {named!r} but describes {card.config.display_name!r}: the card was edited; use the original")
+        spec = card.input.to_dict()
+        if not all(math.isfinite(float(v)) for v in spec.values()):
+            raise WeightsError(f"the model card's input spec holds a non-finite value ({spec}); use the original card")
+        return card
 
 
 @dataclass
@@ -199,6 +213,9 @@ def load_checkpoint(path: PathLike, *, verify: bool = True) -> LoadedModel:
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
         raise WeightsError(f"{path.name}: tensor {bad[0]} has shape {tuple(state[bad[0]].shape)}, the card's architecture needs {tuple(expected[bad[0]].shape)}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise WeightsError(f"{path.name}: tensor {broken[0]} holds NaN or infinite values ({len(broken)} such tensors): the training diverged; use another checkpoint")
     model.load_state_dict(state, strict=True)
     model.eval()
     return LoadedModel(model, card, path)

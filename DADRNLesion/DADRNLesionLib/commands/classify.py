@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..cli import EXIT_INPUT, EXIT_PARTIAL, add_common_options
 from ..errors import OutputExistsError, UserInputError
-from ..outputs import results_exist, write_results
+from ..outputs import check_output_location, results_exist, write_results
 from ..pipeline import PipelineOptions, load_model, resolve_device, run_pipeline
 from ..studies import expand_inputs, prefetch
 
@@ -72,6 +72,7 @@ def run(args) -> int:
         taken = [str(d) for d in out_dirs.values() if results_exist(d)]
         if single and taken:
             raise OutputExistsError(f"{taken[0]} already holds files: choose another --out folder, or pass --overwrite to replace it")
+    check_output_location(args.out)  # an unwritable --out fails now, not after the model has run
     model = load_model(args.weights)
     if not model.trained:
         reporter.warning("no trained weights found: running an UNTRAINED model, results are meaningless (pass --weights)")
@@ -83,7 +84,8 @@ def run(args) -> int:
             if not args.overwrite and results_exist(out_dir):
                 raise OutputExistsError(f"{out_dir} already holds files (pass --overwrite to replace)")
             t = time.perf_counter()
-            ct, mask = future.result()
+            loaded = future.result()
+            ct, mask = loaded.ct, loaded.liver_mask
             read_s = time.perf_counter() - t
             if not single:
                 reporter.info(f"[{study.study_id}] {study.path}")
@@ -92,9 +94,14 @@ def run(args) -> int:
                 input_description={"path": str(study.path), "study_id": study.study_id},
             )
             result.report["timings_s"]["read"] = round(read_s, 4)
+            for message in loaded.notes:  # e.g. a localizer image left out of the DICOM series
+                reporter.warning(f"input: {message}")
+                result.report.setdefault("warnings", []).append(message)
             for message in result.report.get("liver_check", {}).get("warnings", []):
                 reporter.warning(f"liver mask: {message}")
+            reporter("write", 0, 1)
             write_results(result, out_dir, ct=ct, overwrite=args.overwrite)
+            reporter("write", 1, 1)
             reporter.info(f"{study.study_id}: {result.report['summary']['finding']} -> {out_dir}")
             reporter.emit("study_done", study=study.study_id, out=str(out_dir), finding=result.report["summary"]["finding"])
         except UserInputError as exc:
