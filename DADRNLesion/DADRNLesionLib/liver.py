@@ -1,0 +1,821 @@
+"""Automatic liver segmentation on CT of any phase, without learned weights.
+
+Why a classical method: the product must run offline in seconds on a CPU, and no liver model weights
+exist here. Every step has a physical reason and parameters in millimetres, or in HU relative to
+levels estimated on the scan itself, so the method does not depend on one scanner's or phase's
+contrast (docs/liver.md has the accuracy, speed and parameter sensitivity):
+
+1. Orientation: the array is permuted/flipped into a canonical frame (axis 0 inferior->superior,
+   1 anterior->posterior, 2 patient right->left) from the direction cosines, so "patient right" is
+   never assumed to be image left. Oblique volumes use the nearest axis permutation; the mask maps
+   back exactly onto the input voxels.
+2. A coarse grid (block means, ~2.5 mm) keeps it fast and averages noise.
+3. Anatomy found on the scan: the body (> -400 HU, largest region, holes filled), the subcutaneous
+   fat and the depth beneath it (the abdominal wall), the spine (bone in the posterior middle), and
+   the muscle level (the mode of the paraspinal muscles' HU).
+4. Liver level: the liver is the largest homogeneous soft-tissue organ in the right upper body away
+   from wall and spine; the main mode of that region's histogram is the liver level and its width
+   the band. Further modes are tried only if the main one does not give a liver-sized organ on the
+   right.
+5. Neighbours of liver density: an opening (`open_mm`) cuts bridges (IVC, kidney, stomach wall);
+   the largest component on the patient's right is kept and regrown geodesically (a neighbour
+   touching at one point is not followed along its length). Muscle is recognised as voxels closer
+   to the muscle level than to the liver level that connect to the subcutaneous fat (the wall) or
+   to the spine (crura, psoas); the compartment behind the spine (back muscles) is never liver.
+6. Uneven enhancement (perfusion, beam hardening, a darker right lobe): the band follows a slowly
+   varying liver level (normalised convolution over `field_mm`), re-estimated a few times.
+7. Slice-to-slice consistency rejects sudden jumps in area (leaks).
+8. The surface: a blurred edge crosses half-way between the liver level and the tissue outside; the
+   last `edge_mm` are grown down to that half level (next to fat, about -20 HU; next to muscle,
+   the midpoint), so the surface is not drawn inside the true edge.
+9. Lesions, vessels, hilum: holes are filled per slice and in 3D, and a closing (`close_mm`) over
+   non-fat, non-muscle tissue adds hypo- and hyperdense lesions at the surface.
+10. Full resolution: the coarse mask is interpolated at block centres and its boundary re-decided
+    voxel by voxel with the same rules (band, half level), so the surface is not stair-stepped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import NoLiverFoundError, UserInputError
+from .liver_check import check_liver_mask, summary_line  # re-exported for callers
+from .volume import Volume
+
+__all__ = [
+    "LiverParams",
+    "segment_liver",
+    "check_liver_mask",
+    "summary_line",
+    "totalsegmentator_liver",
+    "canonical_frame",
+]
+
+Progress = Optional[Callable[[str], None]]
+
+
+@dataclass(frozen=True)
+class LiverParams:
+    """Tunable quantities, all physical. Defaults are the documented ones (docs/liver.md)."""
+
+    grid_mm: float = 2.5  # target spacing of the working grid (in-plane; z only if finer)
+    smooth_mm: float = 2.0  # Gaussian sigma applied to the HU image before thresholding
+    band_k: float = 2.5  # half-width of the intensity band, in units of the per-scan liver spread
+    min_band_hu: float = 18.0  # the band is never narrower than this on either side (noise floor)
+    wall_mm: float = 20.0  # zone beneath the subcutaneous fat where wall muscle competes with liver
+    open_mm: float = 8.0  # opening radius that cuts bridges to neighbours of liver density
+    close_mm: float = 12.0  # closing radius that adds surface lesions, hilum, fissures
+    field_mm: float = 30.0  # scale of the slowly varying enhancement field
+    max_area_jump: float = 1.6  # a slice may not exceed this factor times its neighbour's area
+    spine_mm: float = 40.0  # radius around the spine where crura, psoas and back muscles lie
+    edge_mm: float = 9.0  # how far the surface may settle outwards onto the half level of the edge
+    refine: bool = True  # re-decide the surface at full resolution
+    refine_steps: float = 1.0  # outward settling at full resolution, in coarse voxels
+
+
+# --------------------------------------------------------------------------------------------
+# orientation
+
+
+@dataclass(frozen=True)
+class CanonicalFrame:
+    """How to go from an input array [k,j,i] to the canonical array [S, P, L] and back."""
+
+    perm: tuple[int, int, int]  # canonical axis c is input array axis perm[c]
+    flip: tuple[bool, bool, bool]  # flip canonical axis c after the permutation
+    spacing: tuple[float, float, float]  # canonical (S, P, L) spacing in mm
+
+    def to_canonical(self, a: np.ndarray) -> np.ndarray:
+        b = np.transpose(a, self.perm)
+        sl = tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)
+        return b[sl]
+
+    def from_canonical(self, b: np.ndarray) -> np.ndarray:
+        sl = tuple(slice(None, None, -1) if f else slice(None) for f in self.flip)
+        b = b[sl]
+        inv = np.argsort(self.perm)
+        return np.transpose(b, inv)
+
+
+def canonical_frame(vol: Volume) -> CanonicalFrame:
+    """Nearest axis permutation mapping the volume onto (superior, posterior, left) array axes.
+
+    direction columns are the LPS unit vectors of i, j, k; array axis a holds ijk axis 2-a.
+    Canonical axis 0 increases towards Superior (+z), 1 towards Posterior (+y), 2 towards Left (+x).
+    """
+    d = np.asarray(vol.direction, dtype=np.float64)
+    best = None
+    import itertools
+
+    # phys axis for canonical c: 0 -> z (row 2), 1 -> y (row 1), 2 -> x (row 0)
+    phys_of_canon = (2, 1, 0)
+    for perm_ijk in itertools.permutations(range(3)):
+        # perm_ijk[c] = ijk axis used for canonical axis c
+        score = sum(abs(d[phys_of_canon[c], perm_ijk[c]]) for c in range(3))
+        if best is None or score > best[0] + 1e-9:
+            best = (score, perm_ijk)
+    perm_ijk = best[1]
+    perm = tuple(2 - p for p in perm_ijk)
+    flip = tuple(bool(d[phys_of_canon[c], perm_ijk[c]] < 0) for c in range(3))
+    spacing = tuple(float(vol.spacing[perm_ijk[c]]) for c in range(3))
+    return CanonicalFrame(perm=perm, flip=flip, spacing=spacing)
+
+
+# --------------------------------------------------------------------------------------------
+# grid helpers
+
+
+def _factors(shape, spacing, grid_mm):
+    f = []
+    for c, (n, s) in enumerate(zip(shape, spacing)):
+        fc = max(1, int(round(grid_mm / s)))
+        if c == 0 and n < 8:  # a handful of slices: keep them all
+            fc = 1
+        f.append(min(fc, max(1, n)))
+    return tuple(f)
+
+
+def _block_mean(a: np.ndarray, f) -> np.ndarray:
+    pads = [(0, (-n) % fc) for n, fc in zip(a.shape, f)]
+    if any(p[1] for p in pads):
+        a = np.pad(a, pads, mode="edge")
+    s = a.shape
+    r = a.reshape(s[0] // f[0], f[0], s[1] // f[1], f[1], s[2] // f[2], f[2])
+    return r.mean(axis=(1, 3, 5), dtype=np.float32)
+
+
+def _ball_ops(mask, r_mm, spacing, op):
+    """Erosion/dilation by a ball of radius r_mm on an anisotropic grid.
+
+    Built from unit steps (cross and square in-plane alternately, which approximates a disc, and
+    one slice in z while the z radius lasts), so the cost does not grow with the volume's extent
+    as a distance transform's does. For erosion the outside of the array counts as inside, so a
+    liver cut by the first or last slice (a partial scan) is not eroded from that border.
+    """
+    n_xy = int(round(r_mm / min(spacing[1:])))
+    n_z = int(round(r_mm / spacing[0]))
+    if (n_xy <= 0 and n_z <= 0) or not mask.any():
+        return mask.copy()
+    out = mask
+    cross = ndi.generate_binary_structure(2, 1)
+    square = ndi.generate_binary_structure(2, 2)
+    for step in range(max(n_xy, n_z)):
+        st = np.zeros((3, 3, 3), bool)
+        if step < n_xy:
+            st[1] = cross if step % 2 == 0 else square
+        st[1, 1, 1] = True
+        if step < n_z:
+            st[0, 1, 1] = st[2, 1, 1] = True
+        if op == "erode":
+            out = ndi.binary_erosion(out, st, border_value=1)
+        else:
+            out = ndi.binary_dilation(out, st)
+    return out
+
+
+def _open(mask, r_mm, spacing):
+    return _ball_ops(_ball_ops(mask, r_mm, spacing, "erode"), r_mm, spacing, "dilate")
+
+
+def _close(mask, r_mm, spacing):
+    return _ball_ops(_ball_ops(mask, r_mm, spacing, "dilate"), r_mm, spacing, "erode")
+
+
+_INPLANE = np.zeros((3, 3, 3), bool)
+_INPLANE[1] = ndi.generate_binary_structure(2, 1)
+
+
+def _fill_slices(mask):
+    """Fill holes slice by slice (one labelling of the background with in-plane connectivity)."""
+    lab, n = ndi.label(~mask, structure=_INPLANE)
+    if n == 0:
+        return mask.copy()
+    border = np.zeros(mask.shape, bool)
+    border[:, 0, :] = border[:, -1, :] = border[:, :, 0] = border[:, :, -1] = True
+    outside = np.unique(lab[border & (lab > 0)])
+    keep_bg = np.zeros(n + 1, bool)
+    keep_bg[outside] = True
+    return mask | ~keep_bg[lab]
+
+
+def _geodesic(seed, allowed, structure, iterations):
+    """Conditional dilation of seed inside allowed, computed only on allowed's bounding box."""
+    if not seed.any() or iterations <= 0:
+        return seed & allowed
+    nz = np.nonzero(allowed)
+    box = tuple(slice(max(0, int(a.min()) - 1), int(a.max()) + 2) for a in nz)
+    out = np.zeros_like(seed)
+    out[box] = ndi.binary_dilation(seed[box] & allowed[box], structure, iterations=iterations, mask=allowed[box])
+    return out
+
+
+def _largest_cc(mask, structure=None):
+    lab, n = ndi.label(mask, structure=structure)
+    if n == 0:
+        return mask.copy()
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    return lab == int(np.argmax(sizes))
+
+
+# --------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_ct(arr: np.ndarray) -> None:
+    if arr.ndim != 3 or min(arr.shape) < 1:
+        raise UserInputError(f"expected a 3D image, got an array of shape {arr.shape}")
+    sample = arr[:: max(1, arr.shape[0] // 16), ::4, ::4]
+    if not np.all(np.isfinite(sample)):
+        raise UserInputError("the image holds NaN or infinite values: it does not look like CT in Hounsfield units")
+    lo, hi = float(np.min(sample)), float(np.max(sample))
+    if hi - lo < 50:
+        raise NoLiverFoundError(
+            "the image is (nearly) constant, so no liver can be found: check the input file, "
+            "or provide a liver mask with --liver-mask"
+        )
+    if np.count_nonzero(sample < -500) < max(20, 1e-4 * sample.size):
+        raise UserInputError(
+            f"the image does not look like CT in Hounsfield units (values {lo:.4g}..{hi:.4g}, no air "
+            "below -500): give an abdominal CT in HU (check the rescale slope/intercept), or provide a "
+            "liver mask with --liver-mask"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# the method on the canonical coarse grid
+
+
+@dataclass
+class _Scan:
+    """The coarse canonical image and the per-scan anatomy the method reasons with."""
+
+    hu: np.ndarray  # smoothed coarse HU
+    raw: np.ndarray  # coarse block means
+    spacing: tuple[float, float, float]
+    body: np.ndarray
+    u: np.ndarray  # 0 at the patient's right body edge, 1 at the left edge (per slice)
+    v: np.ndarray  # 0 anterior, 1 posterior (per slice)
+    homogeneous: np.ndarray
+    wall_depth: np.ndarray  # mm beneath the subcutaneous fat (0 in it and outside the body)
+    spine_dist: np.ndarray  # in-plane mm to the spine's centre (inf where no spine was seen)
+    behind_spine: np.ndarray  # the back muscles' compartment: behind the spine, within 36 mm of it
+    muscle: tuple[float, float]  # (mode, spread) of skeletal muscle HU on this scan
+    info: dict = field(default_factory=dict)
+
+    def crop(self, sl) -> "_Scan":
+        """The same scan restricted to a box (views, no copies): keeps the work near the liver."""
+        a = {k: getattr(self, k)[sl] for k in ("hu", "raw", "body", "u", "v", "homogeneous", "wall_depth", "spine_dist", "behind_spine")}
+        return _Scan(spacing=self.spacing, muscle=self.muscle, info=self.info, **a)
+
+
+def _box_around(mask, margin_mm, spacing):
+    nz = np.nonzero(mask)
+    out = []
+    for a, n, sp in zip(nz, mask.shape, spacing):
+        m = int(np.ceil(margin_mm / sp))
+        out.append(slice(max(0, int(a.min()) - m), min(n, int(a.max()) + m + 1)))
+    return tuple(out)
+
+
+def _body_mask(raw, spacing):
+    air = raw > -400
+    body = ndi.binary_opening(air, np.array([[[0, 0, 0], [0, 1, 0], [0, 0, 0]], [[0, 1, 0], [1, 1, 1], [0, 1, 0]], [[0, 0, 0], [0, 1, 0], [0, 0, 0]]], bool)[1:2]) if min(raw.shape[1:]) > 8 else air
+    # the torso is the largest connected region; arms and the table are separate or cut off
+    body = _largest_cc(body)
+    if not body.any():
+        return body
+    return _fill_slices(body)
+
+
+def _histogram_mode(vals, lo=-30.0, hi=250.0, width=2.0):
+    """Mode and Gaussian-equivalent spread (from the half width at half maximum) of `vals`."""
+    bins = np.arange(lo, hi + width, width)
+    h, _ = np.histogram(vals, bins=bins)
+    smooth_bins = 1.5
+    hs = ndi.gaussian_filter1d(h.astype(float), smooth_bins)
+    i = int(np.argmax(hs))
+    half = hs[i] / 2
+    a = i
+    while a > 0 and hs[a] > half:
+        a -= 1
+    b = i
+    while b < len(hs) - 1 and hs[b] > half:
+        b += 1
+    hwhm = min(i - a, b - i) * width
+    sd = float(np.sqrt(max((hwhm / 1.1774) ** 2 - (smooth_bins * width) ** 2, 0.0)))
+    return float(bins[i] + width / 2), float(np.clip(sd, 3.0, 40.0)), hs, bins
+
+
+def _prepare(canon: np.ndarray, spacing_full, p: LiverParams) -> tuple[_Scan, tuple[int, int, int]]:
+    f = _factors(canon.shape, spacing_full, p.grid_mm)
+    raw = _block_mean(np.clip(canon, -1024, 3071), f)
+    spacing = tuple(float(s * fc) for s, fc in zip(spacing_full, f))
+    sig = [min(p.smooth_mm / s, 2.0) if s < 2.5 * p.smooth_mm else 0.0 for s in spacing]
+    hu = ndi.gaussian_filter(raw, sigma=sig, mode="nearest") if any(sig) else raw.copy()
+    body = _body_mask(raw, spacing)
+    if body.sum() * np.prod(spacing) < 50_000:  # < 50 ml of body: nothing to segment
+        raise NoLiverFoundError(
+            "no body was found in the image (almost everything is air): check the input, "
+            "or provide a liver mask with --liver-mask"
+        )
+    # normalised in-slice coordinates from each slice's body extent
+    nz, ny, nx = raw.shape
+    u = np.full(raw.shape, -1.0, np.float32)
+    v = np.full(raw.shape, -1.0, np.float32)
+    for z in range(nz):
+        ys, xs = np.nonzero(body[z])
+        if ys.size == 0:
+            continue
+        x0, x1, y0, y1 = xs.min(), xs.max(), ys.min(), ys.max()
+        u[z] = ((np.arange(nx) - x0) / max(1, x1 - x0))[None, :]
+        v[z] = ((np.arange(ny) - y0) / max(1, y1 - y0))[:, None]
+    # local homogeneity: std over ~7 mm of the block means
+    size = [max(1, int(round(7.0 / s)) | 1) for s in spacing]
+    m1 = ndi.uniform_filter(raw, size, mode="nearest")
+    m2 = ndi.uniform_filter(raw * raw, size, mode="nearest")
+    lstd = np.sqrt(np.maximum(m2 - m1 * m1, 0))
+    soft = body & (hu > -30) & (hu < 250)
+    thr = np.percentile(lstd[soft], 40) if soft.any() else 0
+    homogeneous = soft & (lstd <= max(thr, 1.0))
+    wall_depth, wall_layer = _wall_depth(raw, hu, body, spacing)
+    spine_dist, behind, paraspinal = _spine(hu, body, u, v, spacing)
+    # muscle level: the paraspinal muscles are thick and always in an abdominal scan; the wall
+    # layer (thinner, partial volume with fat) is the fallback
+    vals = hu[paraspinal] if paraspinal.sum() >= 50 else hu[wall_layer]
+    muscle = _histogram_mode(vals)[:2] if vals.size >= 50 else (float("nan"), float("nan"))
+    info = {"factors": f, "muscle": muscle}
+    return _Scan(hu, raw, spacing, body, u, v, homogeneous, wall_depth, spine_dist, behind, muscle, info), f
+
+
+def _wall_depth(raw, hu, body, spacing):
+    """Depth (mm) beneath the subcutaneous fat, and the muscle layer just beneath that fat.
+
+    The abdominal wall muscles lie directly inside the subcutaneous fat all around the body and,
+    in native and arterial scans, touch the liver without a visible fat plane.
+    """
+    fat = body & (raw < -40)
+    outside = ~body
+    rim = ndi.binary_dilation(outside, _INPLANE, iterations=2) & body
+    lab, n = ndi.label(fat | rim, structure=_INPLANE)  # components within each slice
+    subq = np.zeros_like(body)
+    if n:
+        touch = np.unique(lab[rim])
+        sel = np.zeros(n + 1, bool)
+        sel[touch[touch > 0]] = True
+        subq = sel[lab]
+    d = ndi.distance_transform_edt(~(outside | subq), sampling=(1e6,) + tuple(spacing[1:])).astype(np.float32)
+    layer = body & ~subq & (d > 1.5) & (d < 10.0) & (hu > -30) & (hu < 150)
+    return d, layer
+
+
+def _spine(hu, body, u, v, spacing):
+    """Distance to the spine's centre per slice, and a paraspinal muscle sample for the muscle level.
+
+    The spine is the bone (> 200 HU) in the posterior middle of the body; slices without it take
+    the centre of the nearest slice that has it.
+    """
+    nz, ny, nx = hu.shape
+    bone = (hu > 200) & body & (u > 0.3) & (u < 0.7) & (v > 0.45)
+    centres = np.full((nz, 2), np.nan)
+    for z in range(nz):
+        ys, xs = np.nonzero(bone[z])
+        if ys.size * spacing[1] * spacing[2] >= 100:  # >= 1 cm^2 of bone
+            centres[z] = (np.median(ys), np.median(xs))
+    have = np.nonzero(~np.isnan(centres[:, 0]))[0]
+    dist = np.full(hu.shape, np.inf, np.float32)
+    para = np.zeros(hu.shape, bool)
+    behind = np.zeros(hu.shape, bool)
+    if have.size == 0:
+        return dist, behind, para
+    Y, X = np.mgrid[0:ny, 0:nx]
+    for z in range(nz):
+        zc = have[np.argmin(np.abs(have - z))]
+        yc, xc = centres[zc]
+        dy = (Y - yc) * spacing[1]
+        dx = (X - xc) * spacing[2]
+        dist[z] = np.hypot(dx, dy)
+        behind[z] = (dy > 5.0) & (np.abs(dx) < 36.0)
+        if z in have:
+            para[z] = (np.abs(dx) > 15) & (np.abs(dx) < 60) & (dy > 10) & (dy < 70)
+    para &= body & (hu > -30) & (hu < 150)
+    return dist, behind, para
+
+
+def _intensity_candidates(s: _Scan, p: LiverParams, n_max: int = 3):
+    """Liver intensity candidates: modes of homogeneous soft tissue in the right upper body."""
+    region = s.homogeneous & (s.wall_depth > p.wall_mm) & (s.u < 0.55) & (s.v < 0.85) & (s.spine_dist > p.spine_mm)
+    if region.sum() < 50:
+        region = s.homogeneous & (s.wall_depth > 0)
+    if region.sum() < 50:
+        raise NoLiverFoundError(
+            "no soft tissue of organ density was found inside the body: the image may not cover the "
+            "upper abdomen; provide a liver mask with --liver-mask"
+        )
+    vals = s.hu[region]
+    w = (1.2 - s.u[region]).clip(0.2, 1.2)  # a soft preference for the right
+    bins = np.arange(-30.0, 251.0, 2.0)
+    h, _ = np.histogram(vals, bins=bins, weights=w)
+    smooth_bins = 1.5
+    hs = ndi.gaussian_filter1d(h.astype(float), smooth_bins)
+    centres = 0.5 * (bins[1:] + bins[:-1])
+    peaks = [i for i in range(1, len(hs) - 1) if hs[i] >= hs[i - 1] and hs[i] > hs[i + 1] and hs[i] > 0.15 * hs.max()]
+    peaks.sort(key=lambda i: -hs[i])
+    out = []
+    for i in peaks[:n_max]:
+        half = hs[i] / 2
+        lo = i
+        while lo > 0 and hs[lo] > half:
+            lo -= 1
+        hi = i
+        while hi < len(hs) - 1 and hs[hi] > half:
+            hi += 1
+        hwhm = min(centres[i] - centres[lo], centres[hi] - centres[i])
+        sigma = float(np.sqrt(max((hwhm / 1.1774) ** 2 - (2.0 * smooth_bins) ** 2, 0.0)))
+        out.append((float(centres[i]), float(np.clip(sigma, 3.0, 40.0)), float(hs[i] / hs.max())))
+    if not out:
+        raise NoLiverFoundError(
+            "no liver-like intensity peak was found in the right upper abdomen: provide a liver mask "
+            "with --liver-mask"
+        )
+    return out
+
+
+def _allowed(s: _Scan, level, p: LiverParams):
+    """Voxels that may be liver given the muscles around it.
+
+    Never in the subcutaneous fat. A muscle layer is the set of voxels closer to this scan's muscle
+    level than to the local liver level (midpoint = equal-distance decision boundary) that is
+    connected, through such voxels, to where muscle starts: the inner face of the subcutaneous fat
+    (the abdominal wall, up to `wall_mm` deep) or the spine (crura, psoas, back muscles, up to
+    `spine_mm` from its centre). Connectedness matters: a noisy dark voxel inside the liver is not
+    muscle, a layer growing in from the wall is. Where liver and muscle differ by less than 8 HU,
+    intensity cannot decide and the outer half of the wall zone is excluded by position instead.
+    """
+    mu_m = s.muscle[0]
+    # the liver never lies behind the spine next to it: that is the back muscles' compartment
+    ok = s.body & (s.wall_depth > 0) & ~s.behind_spine
+    if not np.isfinite(mu_m):
+        return ok & (s.wall_depth > 0.5 * p.wall_mm)
+    level = np.asarray(level, dtype=np.float32)
+    separable = (level - mu_m) > 8.0
+    darkish = separable & (s.hu < 0.5 * (level + mu_m)) & ok
+    n_wall = max(1, int(round(p.wall_mm / min(s.spacing[1:]))))
+    wall_zone = s.wall_depth < p.wall_mm
+    seed = darkish & wall_zone & (s.wall_depth <= 1.5 * max(s.spacing[1:]))
+    wall = _geodesic(seed, darkish & wall_zone, _INPLANE, n_wall)
+    spine_zone = s.spine_dist < p.spine_mm
+    if spine_zone.any():
+        bone = (s.hu > 200) & (s.spine_dist < 25.0)
+        seed = darkish & spine_zone & ndi.binary_dilation(bone, _INPLANE, iterations=2)
+        n_sp = max(1, int(round(p.spine_mm / min(s.spacing[1:]))))
+        wall |= _geodesic(seed, darkish & spine_zone, _INPLANE, n_sp)
+    inseparable_wall = ~separable & wall_zone & (s.wall_depth < 0.5 * p.wall_mm)
+    return ok & ~wall & ~inseparable_wall
+
+
+def _regrow(core, band, r_mm, spacing):
+    """Geodesic dilation of `core` inside `band` by about r_mm (path length inside the band).
+
+    Geodesic, not Euclidean: a neighbour that touches the liver at one point (a muscle strip
+    behind a fat plane, a vessel) is only entered for r_mm from the contact, not along its length.
+    """
+    n_xy = max(1, int(round(r_mm / min(spacing[1:]))))
+    n_z = int(round(r_mm / spacing[0]))
+    out = core.copy()
+    full = ndi.generate_binary_structure(3, 1)
+    inplane = full.copy()
+    inplane[0] = inplane[2] = False
+    zonly = np.zeros((3, 3, 3), bool)
+    zonly[:, 1, 1] = True
+    allowed = band | core
+    for step in range(max(n_xy, n_z)):
+        st = full if (step < n_z and step < n_xy) else (inplane if step < n_xy else zonly)
+        out = ndi.binary_dilation(out, st, mask=allowed)
+    return out
+
+
+def _select_component(opened, s: _Scan):
+    """The liver: the largest component whose centroid lies on the patient's right."""
+    lab, n = ndi.label(opened)
+    if n == 0:
+        return None
+    idx = np.arange(1, n + 1)
+    vox_ml = float(np.prod(s.spacing)) / 1000.0
+    counts = ndi.sum_labels(np.ones(lab.shape, np.float32), lab, idx)
+    usum = ndi.sum_labels(s.u, lab, idx)
+    best, best_score = None, 0.0
+    for c, cnt, us in zip(idx, counts, usum):
+        score = cnt * vox_ml * _right_weight(us / cnt)
+        if cnt * vox_ml >= 5 and score > best_score:
+            best, best_score = c, score
+    return None if best is None else lab == best
+
+
+def _right_weight(ubar: float) -> float:
+    """Position prior: 1 for a centroid well on the patient's right, 0 past the body's midline."""
+    return float(np.clip((0.62 - ubar) / 0.25, 0.0, 1.0))
+
+
+def _slice_consistency(mask, band, p: LiverParams):
+    """Reject sudden per-slice area jumps (leaks) by keeping only what continues the neighbour."""
+    area = mask.sum(axis=(1, 2)).astype(float)
+    if mask.shape[0] < 3 or area.max() == 0:
+        return mask
+    out = mask.copy()
+    zc = int(np.argmax(area))
+    for order in (range(zc + 1, mask.shape[0]), range(zc - 1, -1, -1)):
+        prev = zc
+        for z in order:
+            a, ap = out[z].sum(), out[prev].sum()
+            if ap > 0 and a > p.max_area_jump * ap + 20:
+                nb = ndi.binary_dilation(out[prev], iterations=3)
+                lab, _ = ndi.label(out[z] & band[z])
+                keep = np.unique(lab[nb & (lab > 0)])
+                out[z] = np.isin(lab, keep[keep > 0]) & ndi.binary_dilation(nb, iterations=3)
+            prev = z
+    return out
+
+
+def _half_level(s: _Scan, liver, local, half, p: LiverParams):
+    """Per voxel, the HU half-way between the local liver level and the tissue just outside it.
+
+    The true surface of a blurred edge is where the image crosses half-way between the two sides:
+    about -20 HU next to fat, about 45 HU next to 25 HU muscle. The band (liver level +- half)
+    stops above that, so on its own it puts the surface inside the true edge (by several mm
+    where the surface is oblique to the slices, as at the dome). The outside level is the local
+    mean of non-liver voxels in a shell 1-`edge_mm` mm outside the mask.
+    """
+    shell = _ball_ops(liver, p.edge_mm, s.spacing, "dilate") & ~_ball_ops(liver, 1.0, s.spacing, "dilate") & s.body
+    sig = [max(5.0 / sp, 0.5) for sp in s.spacing]
+    num = ndi.gaussian_filter(np.where(shell, np.maximum(s.hu, -150.0), 0).astype(np.float32), sig, mode="nearest", truncate=3.0)
+    den = ndi.gaussian_filter(shell.astype(np.float32), sig, mode="nearest", truncate=3.0)
+    outside = np.where(den > 0.02, num / np.maximum(den, 1e-6), local - 2 * half)
+    outside = np.minimum(outside, local - half)  # the neighbour of interest is the darker one
+    return (0.5 * (local + outside)).astype(np.float32)
+
+
+def _edge_band(s: _Scan, liver, local, half, p: LiverParams):
+    """Band for the last few mm of the surface: down to the half level, up to the band's top.
+
+    A blurred liver/muscle edge can look like muscle; it is reached only from the liver through
+    other edge voxels (the growth is geodesic), so the muscle rule is not applied to it.
+    """
+    hl = _half_level(s, liver, local, half, p)
+    edge = (s.hu >= hl) & (s.hu <= local + half) & s.body & (s.wall_depth > 0) & ~s.behind_spine
+    return edge | ((np.abs(s.hu - local) <= half) & _allowed(s, local, p)), hl
+
+
+def _local_field(liver, hu, mu, spacing, scale_mm):
+    """Liver HU as a slowly varying field: normalised convolution of the HU inside the mask."""
+    sig = [scale_mm / sp for sp in spacing]
+    num = ndi.gaussian_filter(np.where(liver, hu, 0).astype(np.float32), sig, mode="nearest", truncate=3.0)
+    den = ndi.gaussian_filter(liver.astype(np.float32), sig, mode="nearest", truncate=3.0)
+    return np.where(den > 0.02, num / np.maximum(den, 1e-6), mu).astype(np.float32)
+
+
+@dataclass
+class _Result:
+    liver: np.ndarray
+    local: np.ndarray  # liver level field
+    half: float  # band half-width (HU)
+    mu: float
+    sd: float
+    half_level: np.ndarray  # HU half-way between liver and its outside, per voxel
+
+
+def _segment_with(s: _Scan, mu, sigma, p: LiverParams, field_iters: int = 8) -> Optional[_Result]:
+    """Segment the liver given one candidate liver intensity `mu` (spread `sigma`)."""
+    half = max(p.band_k * sigma, p.min_band_hu)
+    flat = np.full(s.hu.shape, mu, np.float32)
+    band = (np.abs(s.hu - mu) <= half) & _allowed(s, flat, p)
+    comp = _select_component(_open(band, p.open_mm, s.spacing), s)
+    if comp is None:
+        return None
+    regrow_mm = p.open_mm + max(s.spacing[1:])
+    liver = _regrow(comp, band, regrow_mm, s.spacing)
+    local, sd = flat, sigma
+    for _ in range(field_iters):
+        if liver.sum() < 100:
+            break
+        # uneven enhancement (perfusion, beam hardening): the band follows the local liver level;
+        # the work is restricted to a box around the current mask (growth per pass < the margin)
+        box = _box_around(liver, max(p.field_mm, 2 * regrow_mm), s.spacing)
+        sub, lv = s.crop(box), liver[box]
+        loc = _local_field(lv, sub.hu, mu, s.spacing, p.field_mm)
+        resid = (sub.hu - loc)[lv]
+        sd = float(np.clip(1.4826 * np.median(np.abs(resid - np.median(resid))), 3.0, 40.0))
+        half = max(p.band_k * sd, p.min_band_hu)
+        band_b = (np.abs(sub.hu - loc) <= half) & _allowed(sub, loc, p)
+        opened = _open(band_b, p.open_mm, s.spacing)
+        lab, _ = ndi.label(opened)
+        ids = np.unique(lab[lv & opened])
+        ids = ids[ids > 0]
+        if ids.size == 0:
+            break
+        new_b = _regrow(np.isin(lab, ids), band_b, regrow_mm, s.spacing)
+        changed = np.count_nonzero(new_b ^ lv) + np.count_nonzero(liver) - np.count_nonzero(lv)
+        liver = np.zeros_like(liver)
+        liver[box] = new_b
+        band = np.zeros_like(band)
+        band[box] = band_b
+        local = np.full(s.hu.shape, mu, np.float32)
+        local[box] = loc
+        if changed < 0.01 * liver.sum():
+            break
+    liver = _slice_consistency(liver, band, p)
+    if not liver.any():
+        return None
+    box = _box_around(liver, 2 * p.edge_mm, s.spacing)
+    eb, hl = _edge_band(s.crop(box), liver[box], local[box], half, p)
+    grown = _regrow(liver[box], eb, p.edge_mm, s.spacing)
+    half_level = np.full(s.hu.shape, -20.0, np.float32)
+    half_level[box] = hl
+    liver = np.zeros_like(liver)
+    liver[box] = grown
+    return _Result(liver, local, half, mu, sd, half_level)
+
+
+def _complete(r: _Result, s: _Scan, p: LiverParams):
+    """Fill holes (vessels, lesions) and add surface lesions/hilum via a tissue-limited closing.
+
+    The closing (a ball of `close_mm`) adds only voxels denser than fat and allowed by the muscle
+    rule, so a lesion bulging at the surface is included but the fat around the liver is not.
+    """
+    liver = _fill_slices(r.liver)
+    closed = _close(liver, p.close_mm, s.spacing)
+    tissue = (s.hu > -20) & _allowed(s, r.local, p)
+    liver = liver | (closed & tissue)
+    liver = _fill_slices(liver)
+    liver = ndi.binary_fill_holes(liver)  # 3D holes (a lesion wholly inside)
+    return _largest_cc(liver)
+
+
+def _score(liver, s: _Scan) -> float:
+    ml = liver.sum() * float(np.prod(s.spacing)) / 1000.0
+    if not liver.any():
+        return 0.0
+    return ml * _right_weight(float(s.u[liver].mean()))
+
+
+def _to_full(r: _Result, liver_c: np.ndarray, f, canon: np.ndarray, s: _Scan, p: LiverParams) -> np.ndarray:
+    """Coarse mask -> full canonical grid, with the boundary re-decided at full resolution.
+
+    The coarse mask is interpolated linearly at block centres; near its boundary (within one coarse
+    voxel) each full-resolution voxel is then decided by the same rule as on the coarse grid
+    (inside the liver band around the interpolated local liver level, lightly smoothed), so the
+    surface is not limited to the coarse grid's steps.
+    """
+    full_shape = canon.shape
+    if not liver_c.any():
+        return np.zeros(full_shape, bool)
+    nzc = np.nonzero(liver_c)
+    lo = [max(0, int(a.min()) - 2) for a in nzc]
+    hi = [min(n, int(a.max()) + 3) for a, n in zip(nzc, liver_c.shape)]
+    csl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    start = [a * fc for a, fc in zip(lo, f)]
+    stop = [min(n, b * fc) for b, fc, n in zip(hi, f, full_shape)]
+    fsl = tuple(slice(a, b) for a, b in zip(start, stop))
+    shape = tuple(b - a for a, b in zip(start, stop))
+
+    def up(a):
+        u_ = ndi.zoom(a.astype(np.float32), f, order=1, grid_mode=True, mode="nearest")
+        return u_[: shape[0], : shape[1], : shape[2]]
+
+    def rep(a):  # block replication: enough for smooth fields and coarse yes/no maps
+        for ax, fc in enumerate(f):
+            if fc > 1:
+                a = np.repeat(a, fc, axis=ax)
+        return a[: shape[0], : shape[1], : shape[2]]
+
+    if all(fc == 1 for fc in f):
+        out = np.zeros(full_shape, bool)
+        out[:] = liver_c
+        return out
+    soft = up(liver_c[csl])
+    mask = soft >= 0.5
+    edge = (soft > 0.02) & (soft < 0.98)
+    if p.refine and edge.any():
+        local = rep(r.local[csl])
+        allowed = rep(_allowed(s, r.local, p)[csl])
+        fine_sp = tuple(sp / fc for sp, fc in zip(s.spacing, f))
+        sig = [min(1.0 / sp, 1.5) for sp in fine_sp]
+        img = ndi.gaussian_filter(np.clip(canon[fsl], -1024, 3071).astype(np.float32), sig, mode="nearest")
+        # Inside the coarse surface a voxel stays unless it is fat (below half-way from the liver
+        # level to fat): lesions and vessels decided by the closing keep their coarse answer.
+        # Outside it, a voxel joins if it is in the liver band, or between the half level
+        # (half-way to the local outside tissue) and the band's top: the blurred edge.
+        hl = rep(r.half_level[csl])
+        keep = mask & (img > 0.5 * (local - 100.0))
+        in_band = np.abs(img - local) <= r.half
+        in_edge = (img >= hl) & (img <= local + r.half)
+        grow = (allowed & in_band) | in_edge
+        mask = np.where(edge, keep | (~mask & grow), mask)
+        # let the surface settle on the full-resolution edge: up to one coarse step outwards,
+        # in-plane, through voxels that the same rule accepts
+        st = np.zeros((3, 3, 3), bool)
+        st[1] = ndi.generate_binary_structure(2, 1)
+        steps = int(round(max(f[1:]) * p.refine_steps))
+        if steps:
+            mask = ndi.binary_dilation(mask, st, iterations=steps, mask=grow | mask)
+    out = np.zeros(full_shape, bool)
+    out[fsl] = mask
+    return out
+
+
+def _segment_canonical(canon: np.ndarray, spacing_full, p: LiverParams, progress: Progress):
+    say = progress or (lambda m: None)
+    s, f = _prepare(canon, spacing_full, p)
+    say("liver: estimating the liver intensity for this scan")
+    best, best_score = None, 0.0
+    for mu, sigma, weight in _intensity_candidates(s, p):
+        r = _segment_with(s, mu, sigma, p)
+        if r is None:
+            continue
+        sc = _score(r.liver, s) * (0.5 + 0.5 * weight)
+        if sc > best_score:
+            best, best_score = r, sc
+        # the main peak giving a liver-sized organ on the right settles it; the other peaks are
+        # only tried when it does not (e.g. the main peak was muscle or spleen)
+        ml = r.liver.sum() * float(np.prod(s.spacing)) / 1000.0
+        if weight == 1.0 and ml >= 150 and _right_weight(float(s.u[r.liver].mean())) >= 0.8:
+            break
+    if best is None:
+        raise NoLiverFoundError(
+            "no liver-like region was found (no large soft-tissue organ on the patient's right): "
+            "check that the image covers the upper abdomen, or provide a liver mask with --liver-mask"
+        )
+    s.info.update(mu=best.mu, sd=best.sd, half=best.half)
+    say("liver: filling vessels and lesions")
+    liver = _complete(best, s, p)
+    ml = liver.sum() * float(np.prod(s.spacing)) / 1000.0
+    s.info["coarse_ml"] = ml
+    if ml < 20:
+        raise NoLiverFoundError(
+            f"the liver-like region found is implausibly small ({ml:.0f} ml): check that the image covers "
+            "the upper abdomen, or provide a liver mask with --liver-mask"
+        )
+    say("liver: mapping the mask onto the input grid")
+    return _to_full(best, liver, f, canon, s, p), s
+
+
+def segment_liver(ct: Volume, *, progress: Progress = None, params: LiverParams | None = None) -> Volume:
+    """Binary liver mask (uint8 0/1) on `ct`'s exact geometry.
+
+    Raises NoLiverFoundError when nothing liver-like is found and UserInputError when the image does
+    not look like CT in HU; never returns an empty mask.
+    """
+    p = params or LiverParams()
+    arr = np.asarray(ct.array)
+    _check_ct(arr)
+    frame = canonical_frame(ct)
+    canon = frame.to_canonical(arr)
+    full, _ = _segment_canonical(canon, frame.spacing, p, progress)
+    out = np.ascontiguousarray(frame.from_canonical(full)).astype(np.uint8)
+    return ct.with_array(out)
+
+
+def totalsegmentator_liver(ct, *, fast: bool = True) -> Volume:
+    """Liver mask from TotalSegmentator where it and its weights are installed (optional).
+
+    `ct` is a CT file/DICOM folder or a Volume; the mask is returned on the CT's grid. Raises
+    UserInputError when TotalSegmentator is not installed or fails.
+    """
+    try:
+        from totalsegmentator.python_api import totalsegmentator  # type: ignore
+    except Exception as exc:  # depends on the environment
+        raise UserInputError(
+            "TotalSegmentator is not installed: `pip install TotalSegmentator` (and fetch its weights once), "
+            "or use the built-in liver segmentation or a liver mask (--liver-mask)"
+        ) from exc
+    import tempfile
+    from pathlib import Path
+
+    import SimpleITK as sitk
+
+    from .io import read_volume, write_volume
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(ct, Volume):
+            vol = ct
+            src = write_volume(vol, Path(tmp) / "ct.nii.gz")
+        else:
+            vol = read_volume(ct)
+            src = Path(ct)
+        out = Path(tmp) / "liver.nii.gz"
+        try:
+            totalsegmentator(str(src), str(out), roi_subset=["liver"], ml=True, fast=fast)
+        except Exception as exc:  # noqa: BLE001 - any failure there is the user's to fix (weights, memory)
+            raise UserInputError(f"TotalSegmentator failed ({exc}): check its weights, or use a liver mask") from exc
+        img = sitk.ReadImage(str(out))
+        ref = sitk.Image([int(x) for x in vol.size_ijk], sitk.sitkUInt8)
+        ref.SetSpacing(vol.spacing)
+        ref.SetOrigin(vol.origin)
+        ref.SetDirection(tuple(float(x) for x in np.asarray(vol.direction).ravel()))
+        img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        arr = (sitk.GetArrayFromImage(img) > 0).astype(np.uint8)
+    return vol.with_array(arr)

@@ -1,0 +1,224 @@
+"""Automatic liver segmentation: accuracy on real CT, orientation, bad input, mask checks, CLI.
+
+The real-case references of ts_contrast_dicom and ts_native_sm are TotalSegmentator predictions
+(not manual labels); dcmqi_ct3slice's is a manual label. Thresholds are those of issue 3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from DADRNLesionLib.errors import NoLiverFoundError, UserInputError
+from DADRNLesionLib.liver import canonical_frame, check_liver_mask, segment_liver, summary_line
+from DADRNLesionLib.liver_check import dice, surface_distance_hd95
+from DADRNLesionLib.volume import Volume
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def cases(real_data):
+    from liver_accuracy import real_cases
+
+    found = {c.name: c for c in real_cases(real_data)}
+    if not found:
+        pytest.skip(f"no real cases in {real_data}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def masks(cases):
+    return {name: segment_liver(c.ct).array for name, c in cases.items()}
+
+
+@pytest.mark.parametrize("name", ["ts_contrast_dicom", "ts_native_sm", "dcmqi_ct3slice"])
+def test_real_case_dice(cases, masks, name):
+    if name not in cases:
+        pytest.skip(f"{name} not in the real data folder")
+    case, m = cases[name], masks[name]
+    assert m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+    d = dice(m, case.ref)
+    hd = surface_distance_hd95(m, case.ref, case.ct.spacing[::-1])
+    assert d >= 0.90, f"{name}: Dice {d:.3f} (HD95 {hd:.1f} mm) against the {case.reference}"
+
+
+def test_real_mask_is_plausible(cases, masks):
+    case = cases.get("ts_native_sm")
+    if case is None:
+        pytest.skip("ts_native_sm not in the real data folder")
+    info = check_liver_mask(case.ct.with_array(masks["ts_native_sm"]), case.ct)
+    assert info["on_patient_right"]  # stored with i towards the patient's right: image right, not left
+    assert info["components"] == 1
+    assert 20 < info["mean_hu"] < 80  # non-contrast liver
+    assert info["touches_volume_edge"]  # the crop cuts the liver
+
+
+def _reorient(vol: Volume, perm, flips) -> Volume:
+    """The same voxels stored with array axes permuted (perm[new] = old) and flipped."""
+    a = np.transpose(vol.array, perm)
+    d_old = np.asarray(vol.direction)
+    sp_old = vol.spacing
+    origin = np.asarray(vol.origin, float)
+    cols, spacing = [], []
+    for new_axis in range(3):  # array axis new_axis = old array axis perm[new_axis]
+        old = perm[new_axis]
+        col = d_old[:, 2 - old].copy()
+        sp = sp_old[2 - old]
+        if flips[new_axis]:
+            origin = origin + col * sp * (vol.shape[old] - 1)
+            col = -col
+            a = np.flip(a, axis=new_axis)
+        cols.append((2 - new_axis, col, sp))
+    direction = np.zeros((3, 3))
+    spacing_ijk = [0.0, 0.0, 0.0]
+    for ijk, col, sp in cols:
+        direction[:, ijk] = col
+        spacing_ijk[ijk] = sp
+    return Volume(np.ascontiguousarray(a), tuple(spacing_ijk), tuple(origin), direction)
+
+
+def _undo(a: np.ndarray, perm, flips) -> np.ndarray:
+    for axis, f in enumerate(flips):
+        if f:
+            a = np.flip(a, axis=axis)
+    return np.transpose(a, np.argsort(perm))
+
+
+def test_reorient_helper_keeps_physical_positions():
+    vol = Volume(np.arange(24, dtype=np.int16).reshape(2, 3, 4), (0.5, 0.7, 2.0), (1.0, 2.0, 3.0))
+    ro = _reorient(vol, (2, 0, 1), (True, False, True))
+    # a voxel's value sits at the same LPS point in both
+    for kji in [(0, 0, 0), (1, 2, 3), (1, 0, 2)]:
+        p = vol.ijk_to_lps_matrix() @ np.array([kji[2], kji[1], kji[0], 1.0])
+        q = np.linalg.solve(ro.ijk_to_lps_matrix(), p)
+        i, j, k = np.round(q[:3]).astype(int)
+        assert ro.array[k, j, i] == vol.array[kji]
+
+
+@pytest.mark.parametrize("perm,flips", [((0, 1, 2), (True, True, False)), ((1, 0, 2), (False, True, True)), ((2, 1, 0), (True, False, False))])
+def test_oriented_copy_gives_the_same_voxels(cases, masks, perm, flips):
+    case = cases.get("ts_native_sm")
+    if case is None:
+        pytest.skip("ts_native_sm not in the real data folder")
+    ro = _reorient(case.ct, perm, flips)
+    assert canonical_frame(ro).spacing == canonical_frame(case.ct).spacing
+    m = segment_liver(ro)
+    assert m.same_geometry(ro)
+    np.testing.assert_array_equal(_undo(m.array, perm, flips), masks["ts_native_sm"])
+
+
+def test_phantom_case_without_real_data():
+    """Runs in a fresh clone: a small synthetic arterial-phase case with its true liver."""
+    from DADRNLesionLib.phantom import generate_case
+
+    pc = generate_case(1003, "hcc", matrix=128)
+    m = segment_liver(pc.ct)
+    assert m.same_geometry(pc.ct)
+    assert dice(m.array, pc.liver.array) >= 0.85
+
+
+def _air(shape=(8, 64, 64)):
+    return Volume(np.full(shape, -1000, np.int16), (2.0, 2.0, 5.0))
+
+
+@pytest.mark.parametrize(
+    "vol",
+    [
+        _air(),
+        Volume(np.zeros((8, 64, 64), np.int16), (2.0, 2.0, 5.0)),
+        Volume(np.where(np.random.default_rng(0).random((8, 64, 64)) < 0.5, -1000, 40).astype(np.int16), (2.0, 2.0, 5.0)),
+    ],
+    ids=["air", "constant", "salt-and-pepper"],
+)
+def test_no_liver_raises(vol):
+    with pytest.raises(UserInputError) as e:
+        segment_liver(vol)
+    assert "--liver-mask" in str(e.value) or "Hounsfield" in str(e.value)
+
+
+def test_body_without_liver_raises():
+    # a water cylinder: a body of soft tissue but nothing liver-like on the right
+    k, j, i = 10, 96, 96
+    jj, ii = np.mgrid[0:j, 0:i]
+    body = ((jj - 48) / 40.0) ** 2 + ((ii - 48) / 40.0) ** 2 < 1
+    a = np.full((k, j, i), -1000, np.int16)
+    a[:, body] = -100  # fat only
+    with pytest.raises(NoLiverFoundError, match="--liver-mask"):
+        segment_liver(Volume(a, (3.0, 3.0, 5.0)))
+
+
+def test_mr_like_volume_is_not_ct():
+    rng = np.random.default_rng(1)
+    mr = Volume(rng.uniform(0, 1000, (12, 64, 64)).astype(np.float32), (2.0, 2.0, 4.0))
+    with pytest.raises(UserInputError, match="does not look like CT in Hounsfield units"):
+        segment_liver(mr)
+
+
+def test_check_flags_an_absurd_mask():
+    shape = (20, 100, 100)
+    ct = Volume(np.full(shape, -1000, np.int16), (3.0, 3.0, 5.0))
+    ct.array[:, 10:90, 10:90] = 40
+    m = np.zeros(shape, np.uint8)
+    m[8:10, 40:44, 80:84] = 1  # tiny, at high i = patient left for identity direction (LPS x)
+    m[8:10, 40:44, 60:62] = 1  # and in two pieces
+    info = check_liver_mask(ct.with_array(m), ct)
+    assert info["volume_ml"] < 5 and info["components"] == 2
+    assert info["on_patient_right"] is False and info["touches_volume_edge"] is False
+    text = " ".join(info["warnings"])
+    assert "below the normal adult range" in text and "whole liver is in the scan" in text
+    assert "left" in text and "separate parts" in text
+    assert info["mean_hu"] == 40.0
+    assert "WARNING" in summary_line(info)
+
+
+def test_check_uses_direction_for_the_side():
+    shape = (10, 60, 60)
+    m = np.zeros(shape, np.uint8)
+    m[2:8, 20:40, 40:55] = 1  # high i
+    ident = Volume(m, (2.0, 2.0, 5.0))
+    flipped = Volume(m, (2.0, 2.0, 5.0), direction=np.diag([-1.0, 1.0, 1.0]))  # i towards the right
+    assert check_liver_mask(ident)["on_patient_right"] is False
+    assert check_liver_mask(flipped)["on_patient_right"] is True
+
+
+def test_check_partial_coverage_and_empty():
+    m = np.zeros((6, 40, 40), np.uint8)
+    m[0:6, 5:30, 2:20] = 1
+    info = check_liver_mask(Volume(m, (2.0, 2.0, 5.0)))
+    assert info["touches_volume_edge"] and "does not cover the whole liver" in " ".join(info["warnings"])
+    empty = check_liver_mask(Volume(np.zeros((4, 8, 8), np.uint8)))
+    assert empty["volume_ml"] == 0 and empty["warnings"] == ["the liver mask is empty"]
+
+
+def test_cli_writes_mask_on_input_geometry(real_data, tmp_path, capsys):
+    from DADRNLesionLib.cli import main
+    from DADRNLesionLib.io import read_volume
+
+    src = real_data / "ts_native_sm" / "ct.nii.gz"
+    if not src.exists():
+        pytest.skip("ts_native_sm not in the real data folder")
+    out = tmp_path / "liver.nii.gz"
+    assert main(["liver", str(src), "--out", str(out), "--quiet"]) == 0
+    assert "liver mask:" in capsys.readouterr().out
+    m, ct = read_volume(out, what="liver mask"), read_volume(src)
+    assert m.same_geometry(ct) and m.array.dtype == np.uint8 and m.array.max() == 1
+    assert main(["liver", str(src), "--out", str(out), "--quiet"]) == 2  # exists, no --overwrite
+    assert main(["liver", str(src), "--out", str(out), "--quiet", "--overwrite"]) == 0
+
+
+def test_totalsegmentator_is_optional(tmp_path):
+    pytest.importorskip("SimpleITK")
+    try:
+        import totalsegmentator  # noqa: F401
+
+        pytest.skip("TotalSegmentator is installed here")
+    except ImportError:
+        pass
+    from DADRNLesionLib.liver import totalsegmentator_liver
+
+    with pytest.raises(UserInputError, match="TotalSegmentator is not installed"):
+        totalsegmentator_liver(tmp_path / "ct.nii.gz")
