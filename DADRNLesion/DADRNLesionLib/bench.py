@@ -155,12 +155,12 @@ def end_to_end(loaded: LoadedModel, study: Path, out_dir: Path, device: str, bat
     }
 
 
-def _peak_rss_child(study: Path, weights: Optional[Path], device: str, liver_mask: Optional[Path]) -> float:
+def _peak_rss_child(study: Path, model_name: str, device: str, liver_mask: Optional[Path]) -> float:
     """Peak RSS (MB) of a fresh process that classifies `study`: isolates the pipeline's own memory."""
     code = (
         "import resource,sys,tempfile;from pathlib import Path;"
-        "from DADRNLesionLib.bench import end_to_end;from DADRNLesionLib.pipeline import load_model;"
-        f"m=load_model({str(weights)!r} if {weights is not None} else None);"
+        "from DADRNLesionLib.bench import end_to_end, _models;"
+        f"m=_models([{model_name!r}])[{model_name!r}];"
         f"end_to_end(m,Path({str(study)!r}),Path(tempfile.mkdtemp())/'o',{device!r},None,"
         f"liver_mask=Path({str(liver_mask)!r}) if {liver_mask is not None} else None);"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
@@ -231,11 +231,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         write_volume(case.ct, big)
         big_mask = work / f"memory_512x{args.memory_slices}_liver.nii.gz"
         write_volume(case.liver, big_mask)
-        model_path = DEMO_WEIGHTS if DEMO_WEIGHTS.is_file() else None
+        # The pipeline's memory, not the network's: the demo model (or the tiny one without it).
+        model_name = "demo" if DEMO_WEIGHTS.is_file() else "tiny"
         results["memory_test"] = {
             "input": f"512x512x{args.memory_slices} int16 ({case.ct.array.nbytes / 2**20:.0f} MB)",
-            "model": "demo" if model_path else "untrained dadrn50-b",
-            "peak_rss_mb": _peak_rss_child(big, model_path, str(device), None if args.auto_liver else big_mask),
+            "model": model_name,
+            "liver_slices": int(case.liver.array.reshape(case.liver.shape[0], -1).any(axis=1).sum()),
+            "peak_rss_mb": _peak_rss_child(big, model_name, str(device), None if args.auto_liver else big_mask),
         }
     return results
 

@@ -546,7 +546,26 @@ def align_to_grid(mask: Volume, like: Volume, what: str = "mask") -> Volume:
 
 
 # -- writing -------------------------------------------------------------------------------------
-def write_volume(volume: Volume, path: PathLike, *, compress: bool = True) -> Path:
+def _written_problem(path: Path) -> Optional[str]:
+    """`_data_problem` for a file this process has just written. A .nii.gz is checked in O(1) from
+    its gzip trailer (the inflated length mod 2**32 must equal the header's), which catches the
+    truncated file that a full disk leaves, without inflating it again."""
+    if not path.name.lower().endswith(".nii.gz"):
+        return _data_problem(path)
+    try:
+        with gzip.open(path, "rb") as fh:
+            expected = _nifti_expected_bytes(fh.read(544))
+        with open(path, "rb") as fh:
+            fh.seek(-4, os.SEEK_END)
+            isize = struct.unpack("<I", fh.read(4))[0]
+    except (OSError, EOFError, zlib.error, struct.error) as exc:
+        return f"it cannot be read back ({str(exc)[:80]})"
+    if expected is not None and isize != expected % 2**32:
+        return "its compressed stream is incomplete (truncated)"
+    return None
+
+
+def write_volume(volume: Volume, path: PathLike, *, compress: bool = True, compression_level: int = -1) -> Path:
     """Write `volume`; raises WriteError (a UserInputError) when the file is not written completely.
 
     The NIfTI writer reports a full disk only on stderr and leaves a truncated file, so the written
@@ -554,13 +573,13 @@ def write_volume(volume: Volume, path: PathLike, *, compress: bool = True) -> Pa
     sitk = _sitk()
     path = Path(path)
     try:
-        sitk.WriteImage(volume_to_sitk(volume), str(path), compress)
+        sitk.WriteImage(volume_to_sitk(volume), str(path), compress, compression_level)
     except RuntimeError as exc:
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         reason = next((line for line in lines if line.startswith("Reason:")), "")
         detail = reason.replace("Reason:", "").strip() or (lines[-1] if lines else "write failed")
         raise WriteError(f"cannot write {path} ({detail[:160]}): free some disk space or choose a writable location", detail[:160]) from None
-    problem = _data_problem(path) if path.is_file() else "the file was not created"
+    problem = _written_problem(path) if path.is_file() else "the file was not created"
     if problem:
         raise WriteError(f"cannot write {path} completely ({problem}): free some disk space or choose a writable location",
                          f"{problem}; is the disk full?")
