@@ -9,7 +9,8 @@ from ..cli import add_common_options
 
 RESOURCES = Path(__file__).resolve().parents[3] / "Resources"
 DEMO_VOLUME = RESOURCES / "Demo" / "demo_ct.nii.gz"
-DEMO_SEED = 20190922  # the bundled study: generate_case(DEMO_SEED, "hcc")
+DEMO_SEED = 20190923
+DEMO_CASE = dict(lesion_class="hcc", hard=False, n_slices=60, spacing=(1.5, 1.5, 3.0))  # three HCC nodules
 DEFAULT_OUT = Path("dadrn-demo-output")
 
 
@@ -32,7 +33,7 @@ def demo_volume(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / "demo_ct.nii.gz"
     if not path.is_file():
-        write_volume(generate_case(DEMO_SEED, "hcc").ct, path)
+        write_volume(generate_case(DEMO_SEED, **DEMO_CASE).ct, path)
     return path
 
 

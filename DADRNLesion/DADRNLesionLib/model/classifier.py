@@ -55,6 +55,9 @@ class ModelConfig:
     def display_name(self) -> str:
         """E.g. ``DADRN-B (drn_a_50, softmax, concat)``; the input size lives in `InputSpec`."""
         family = {"none": "DRN", "spatial": "SADRN", "channel": "CADRN", "dual": "DADRN"}[self.attention]
+        if not self.backbone.startswith("drn"):  # the paper's baselines: name the network, not the DRN family
+            base = {"se_resnet50": "SE-ResNet50", "ra_resnet50": "RA-ResNet50", "resnet50": "ResNet50"}.get(self.backbone, self.backbone)
+            family = base if self.attention == "none" else f"{base}+{family[:-3]}"
         parts = [self.backbone if self.width == 1.0 else f"{self.backbone} x{self.width:g}"]
         if self.attention != "none":
             family += "-A" if self.normalisation == "sigmoid" else "-B"

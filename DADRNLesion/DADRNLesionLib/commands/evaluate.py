@@ -1,0 +1,101 @@
+"""`dadrn-lesion evaluate`: the paper's tables (class-wise accuracy, overall accuracy, macro F1,
+precision, recall, localization accuracy and CAM IoU per class) for a model on labelled cases.
+
+    dadrn-lesion evaluate --weights runs/dadrn/best.safetensors --data cases.csv --split-file runs/dadrn/split.csv --out runs/dadrn/eval
+
+Writes metrics.json, metrics.csv, slices.csv, confusion.png (and one per case group), report.txt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli import add_common_options
+from ..errors import UserInputError
+from .dataset import add_data_options, describe_cache, input_spec_from, load_cache_from_args
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="classification and localization metrics of a model on labelled cases (tables, CSV/JSON, confusion matrix)",
+        description="Class-wise accuracy is the recall of each class, as in the paper. Localization: pointing game "
+        "(CAM peak in the lesion dilated by 2 voxels) and CAM IoU per lesion class.",
+    )
+    add_data_options(p)
+    p.add_argument("--weights", metavar="FILE", help="checkpoint (.safetensors + .json card); default: the shipped demo model")
+    p.add_argument("--split-file", type=Path, metavar="CSV", help="case_id,split list (e.g. a training run's split.csv)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "all"),
+                   help="which split of --split-file to evaluate (default test; without --split-file every case is used)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--cam-threshold", type=float, default=0.5)
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--record-in-card", metavar="NAME",
+                   help="also store the figures in the model card's metrics under NAME (e.g. test); the weights and their sha256 are unchanged")
+    add_common_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..data import read_split
+    from ..evaluate import evaluate_cache, write_report
+    from ..pipeline import load_model, resolve_device
+
+    if not 0 < args.cam_threshold < 1:
+        raise UserInputError(f"--cam-threshold must be between 0 and 1, not {args.cam_threshold}")
+    device = resolve_device(args.device)
+    loaded = load_model(args.weights, allow_untrained=False)
+    spec = loaded.card.input  # the slices are prepared as the model was trained
+    cache = load_cache_from_args(args, spec, args.reporter)
+    ids = [c["case_id"] for c in cache.cases]
+    if args.split_file is not None:
+        split = read_split(args.split_file)
+        if args.split != "all":
+            ids = [c for c in ids if split.get(c) == args.split]
+        if not ids:
+            raise UserInputError(f"no case of the data is in the {args.split} split of {args.split_file}")
+    idx = cache.indices_of_cases(ids)
+    if idx.size == 0:
+        raise UserInputError("the selected cases hold no labelled slices")
+    amp = None
+    if device.type == "cuda" and not args.no_amp:
+        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    args.reporter.info(describe_cache(cache))
+    result = evaluate_cache(loaded.model, cache, idx, device=device, amp_dtype=amp, batch_size=args.batch_size,
+                            cam_threshold=args.cam_threshold, progress=lambda done, total: args.reporter("model", done, total))
+    title = f"{loaded.card.model_id} on {len(set(result.case_id.tolist()))} cases"
+    write_report(result, args.out, title=title)
+    if args.record_in_card:
+        _record(args.weights, args.record_in_card, result, args)
+        args.reporter.info(f"recorded the figures in the model card under metrics.{args.record_in_card}")
+    if not args.quiet:
+        print(result.text())
+    args.reporter.done(out=str(args.out), accuracy=result.summary["all"]["classification"]["accuracy"],
+                       macro_f1=result.summary["all"]["classification"]["macro_f1"])
+    return 0
+
+
+def _record(weights, name: str, result, args) -> None:
+    """Write the evaluation into the card next to `weights` (the card's sha256 covers the weights only)."""
+    import json
+    import os
+
+    from ..weights import DEMO_WEIGHTS, card_path_for
+
+    card_path = card_path_for(weights if weights is not None else DEMO_WEIGHTS)
+    card = json.loads(card_path.read_text())
+    entry = result.card_metrics()
+    entry["evaluated_on"] = {
+        "data": [str(p) for p in (args.data or [])] or (str(args.cache) if args.cache else f"{args.phantoms} phantoms"),
+        "split_file": str(args.split_file) if args.split_file else None,
+        "split": args.split if args.split_file else "all",
+        "slices": "every labelled slice" if args.normal_per_case is None else f"at most {args.normal_per_case} normal slices per case",
+    }
+    card.setdefault("metrics", {})[name] = entry
+    tmp = card_path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, card_path)

@@ -1,0 +1,303 @@
+"""The paper's tables for a test set: classification per class and overall, and localization.
+
+Each slice goes through the model and Grad-CAM exactly as in `pipeline.run_pipeline`: the CAM
+of the predicted class, upsampled bilinearly to the case's liver crop box, masked by the liver,
+scaled to [0, 1]; its peak is the slice's point, its >= `cam_threshold` region the lesion's
+label. Both are scored on the CT's own in-plane grid against the ground-truth lesion:
+* pointing game: the peak lies in the lesion dilated by 2 voxels in-plane (a slice predicted
+  normal has no heatmap and counts as a miss);
+* CAM IoU: the thresholded region against the (undilated) lesion.
+The same is also computed with the CAM of the true class ("true-class CAM"), which isolates
+localisation from classification errors.
+
+Results are reported for all test slices and for each case group (e.g. phantoms and each real
+scan with painted-in lesions) separately.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .cam import GradCAM
+from .classes import CLASS_NAMES, LESION_CLASSES
+from .data import SliceCache
+from .metrics import (
+    classification_summary,
+    confusion_matrix,
+    format_classification_table,
+    format_localization_table,
+    localization_summary,
+)
+
+__all__ = ["EvalResult", "evaluate_cache", "write_report", "localise", "plot_confusion"]
+
+PathLike = Union[str, os.PathLike]
+
+
+@dataclass
+class EvalResult:
+    case_id: np.ndarray  # (N,) str
+    group: np.ndarray  # (N,) str
+    slice_index: np.ndarray  # k in the axial frame
+    input_slice_index: np.ndarray  # k in the volume as stored (-1: stored axis not axial)
+    labels: np.ndarray
+    predicted: np.ndarray
+    probabilities: np.ndarray  # (N, classes)
+    hit: np.ndarray  # (N,) pointing game with the predicted-class CAM (False where not a lesion slice)
+    iou: np.ndarray  # (N,) NaN where not a lesion slice
+    hit_true: np.ndarray  # the same with the true-class CAM
+    iou_true: np.ndarray
+    peak_ij: np.ndarray  # (N, 2) (i, j) in the axial frame's slice (= the stored slice when not reoriented); -1 where no heatmap
+    scored: np.ndarray  # (N,) lesion slices with a lesion outline (localization is scored on these)
+    cam_threshold: float = 0.5
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def text(self) -> str:
+        parts = []
+        for scope, s in [("all", self.summary["all"])] + sorted(self.summary.get("groups", {}).items()):
+            cases = s["n_cases"]
+            parts.append(format_classification_table(s["classification"], title=f"== {scope} ({cases} cases) =="))
+            parts.append(format_localization_table(s["localization"]))
+        return "\n".join(parts)
+
+    def card_metrics(self) -> dict[str, Any]:
+        """The compact figures a model card records."""
+
+        def compact(s: dict[str, Any]) -> dict[str, Any]:
+            c = s["classification"]
+            return {
+                "cases": s["n_cases"],
+                "slices": c["n"],
+                "accuracy": c["accuracy"],
+                "macro_f1": c["macro_f1"],
+                "macro_precision": c["macro_precision"],
+                "macro_recall": c["macro_recall"],
+                "class_accuracy": {k: v["accuracy"] for k, v in c["per_class"].items()},
+                "pointing": {k: s["localization"][k]["pointing"] for k in LESION_CLASSES},
+                "cam_iou": {k: s["localization"][k]["iou"] for k in LESION_CLASSES},
+                "pointing_true_class_cam": {k: s["localization_true_class"][k]["pointing"] for k in LESION_CLASSES},
+            }
+
+        out = {"all": compact(self.summary["all"])}
+        for g, s in self.summary.get("groups", {}).items():
+            out[g] = compact(s)
+        return out
+
+
+def localise(cam: torch.Tensor, masks: np.ndarray, threshold: float) -> tuple[bool, float, tuple[int, int]]:
+    """Score one CAM (h, w) against one slice's (liver, lesion, dilated lesion) masks in its crop box.
+
+    Returns (peak inside the dilated lesion, IoU of the >= threshold region with the lesion,
+    (row, col) of the peak in the box, or (-1, -1) when the heatmap is empty)."""
+    liver = torch.from_numpy(masks[0].astype(np.float32))
+    up = F.interpolate(cam[None, None].float().cpu(), size=tuple(liver.shape), mode="bilinear", align_corners=False)[0, 0]
+    heat = up.clamp(min=0) * liver
+    top = float(heat.max())
+    core = masks[1] > 0
+    if top <= 0 or not np.isfinite(top):
+        return False, 0.0, (-1, -1)
+    heat = (heat / top).numpy()
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    region = (heat >= threshold) & (masks[0] > 0)
+    union = np.logical_or(region, core).sum()
+    iou = float(np.logical_and(region, core).sum() / union) if union else 0.0
+    return bool(masks[2][r, c] > 0), iou, (int(r), int(c))
+
+
+def evaluate_cache(
+    model: torch.nn.Module,
+    cache: SliceCache,
+    indices: Optional[np.ndarray] = None,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    amp_dtype: Optional[torch.dtype] = None,
+    batch_size: int = 64,
+    cam_threshold: float = 0.5,
+    progress: Optional[Callable[[int, int], None]] = None,
+) -> EvalResult:
+    """Classify and localise the cache's slices at `indices` (default: all)."""
+    device = torch.device(device)
+    idx = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
+    model = model.to(device).eval()
+    cam = GradCAM(model, amp_dtype)
+    n = idx.size
+    probs = np.zeros((n, len(CLASS_NAMES)), np.float32)
+    hit = np.zeros(n, bool)
+    hit_true = np.zeros(n, bool)
+    iou = np.full(n, np.nan)
+    iou_true = np.full(n, np.nan)
+    peak = np.full((n, 2), -1, np.int64)
+    scored = np.zeros(n, bool)
+    labels = cache.labels[idx]
+    for s in range(0, n, batch_size):
+        rows = np.arange(s, min(n, s + batch_size))
+        x = torch.from_numpy(np.asarray(cache.images[idx[rows]])).to(device).float().div_(255.0)
+        out = cam(x)
+        probs[rows] = out.probabilities.cpu().numpy()
+        pred = out.target.cpu().numpy()
+        lesion_rows = np.flatnonzero(labels[rows] > 0)
+        if lesion_rows.size:
+            true_out = cam(x[torch.from_numpy(lesion_rows).to(device)], target=torch.from_numpy(labels[rows][lesion_rows]))
+        for pos, r in enumerate(lesion_rows):
+            sample = int(idx[rows[r]])
+            masks = cache.masks.get(sample)
+            if masks is None:  # labelled from a table: no lesion outline to score against
+                continue
+            scored[rows[r]] = True
+            box = cache.cases[int(cache.case[sample])]["box"]
+            if pred[r] != 0:
+                h, v, (pr, pc) = localise(out.cams[r], masks, cam_threshold)
+                hit[rows[r]], iou[rows[r]] = h, v
+                if pr >= 0:
+                    peak[rows[r]] = (box[2] + pc, box[0] + pr)
+            else:
+                iou[rows[r]] = 0.0
+            h, v, _ = localise(true_out.cams[pos], masks, cam_threshold)
+            hit_true[rows[r]], iou_true[rows[r]] = h, v
+        if progress is not None:
+            progress(int(rows[-1]) + 1, n)
+    case_of = cache.case[idx]
+    result = EvalResult(
+        case_id=np.array([cache.cases[c]["case_id"] for c in case_of], dtype=object),
+        group=np.array([cache.cases[c]["group"] or "" for c in case_of], dtype=object),
+        slice_index=cache.slice_index[idx].copy(),
+        input_slice_index=cache.input_slice_index[idx].copy(),
+        labels=labels.copy(),
+        predicted=probs.argmax(1),
+        probabilities=probs,
+        hit=hit,
+        iou=iou,
+        hit_true=hit_true,
+        iou_true=iou_true,
+        peak_ij=peak,
+        scored=scored,
+        cam_threshold=cam_threshold,
+    )
+    result.summary = summarise(result)
+    return result
+
+
+def _scope_summary(r: EvalResult, sel: np.ndarray) -> dict[str, Any]:
+    lab = r.labels[sel]
+    cm = confusion_matrix(lab, r.predicted[sel])
+    lab_loc = np.where(r.scored[sel], lab, -1)  # slices without an outline are not scored
+    iou = np.nan_to_num(r.iou[sel], nan=0.0)
+    iou_t = np.nan_to_num(r.iou_true[sel], nan=0.0)
+    return {
+        "n_cases": int(len(set(r.case_id[sel].tolist()))),
+        "classification": classification_summary(cm),
+        "localization": localization_summary(lab_loc, r.hit[sel], iou),
+        "localization_true_class": localization_summary(lab_loc, r.hit_true[sel], iou_t),
+    }
+
+
+def summarise(r: EvalResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"all": _scope_summary(r, np.ones(r.labels.size, bool)), "cam_threshold": r.cam_threshold,
+                           "definitions": {
+                               "class accuracy": "recall of the class: correct slices of the class / slices of the class",
+                               "pointing": "CAM peak of the predicted class inside the lesion dilated by 2 voxels in-plane, "
+                                           "over all slices of the class (predicted normal = miss)",
+                               "cam_iou": f"IoU of the CAM region >= {r.cam_threshold} of its maximum (inside the liver) with the lesion",
+                               "macro": "unweighted mean over the classes present in the ground truth",
+                           }}
+    unscored = int(((r.labels > 0) & ~r.scored).sum())
+    if unscored:
+        out["note"] = f"{unscored} lesion slices have no lesion outline (slice-label tables): their localization is not scored"
+    groups = sorted(set(r.group.tolist()) - {""})
+    if len(groups) > 1 or (groups and (r.group == "").any()):
+        out["groups"] = {g: _scope_summary(r, r.group == g) for g in groups}
+    return out
+
+
+def plot_confusion(cm: np.ndarray, path: Path, title: str = "") -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cm = np.asarray(cm)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, np.maximum(rows, 1))
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(cm.shape[0]):
+        for j in range(cm.shape[1]):
+            ax.text(j, i, f"{cm[i, j]}\n{frac[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if frac[i, j] > 0.6 else "black")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or "confusion matrix (row-normalised colour)", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _metric_rows(scope: str, s: dict[str, Any]) -> list[dict[str, Any]]:
+    c = s["classification"]
+    rows = [{"scope": scope, "class": "all", "metric": m, "value": c[m]} for m in ("accuracy", "macro_f1", "macro_precision", "macro_recall")]
+    rows.append({"scope": scope, "class": "all", "metric": "slices", "value": c["n"]})
+    rows.append({"scope": scope, "class": "all", "metric": "cases", "value": s["n_cases"]})
+    for name, v in c["per_class"].items():
+        for m in ("accuracy", "precision", "recall", "f1", "support"):
+            rows.append({"scope": scope, "class": name, "metric": m, "value": v[m]})
+    for key, prefix in (("localization", ""), ("localization_true_class", "true_class_")):
+        for name in LESION_CLASSES:
+            rows.append({"scope": scope, "class": name, "metric": f"{prefix}pointing", "value": s[key][name]["pointing"]})
+            rows.append({"scope": scope, "class": name, "metric": f"{prefix}cam_iou", "value": s[key][name]["iou"]})
+    return rows
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name)
+
+
+def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path:
+    """metrics.json, metrics.csv (scope, class, metric, value), slices.csv, confusion*.png, report.txt."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"title": title, **result.summary}, indent=2))
+    rows = _metric_rows("all", result.summary["all"])
+    for g, s in result.summary.get("groups", {}).items():
+        rows += _metric_rows(g, s)
+    with open(out / "metrics.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["scope", "class", "metric", "value"])
+        w.writeheader()
+        for row in rows:
+            v = row["value"]
+            w.writerow({**row, "value": "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)})
+    with open(out / "slices.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case_id", "group", "slice_index", "axial_frame_slice_index", "label", "predicted", *(f"p_{c}" for c in CLASS_NAMES),
+                    "pointing_hit", "cam_iou", "pointing_hit_true_class", "axial_frame_cam_peak_i", "axial_frame_cam_peak_j"])
+        for n in range(result.labels.size):
+            lesion = bool(result.scored[n])
+            w.writerow([
+                result.case_id[n], result.group[n], int(result.input_slice_index[n]) if result.input_slice_index[n] >= 0 else "",
+                int(result.slice_index[n]), CLASS_NAMES[result.labels[n]],
+                CLASS_NAMES[result.predicted[n]], *(f"{p:.5f}" for p in result.probabilities[n]),
+                int(result.hit[n]) if lesion else "", f"{result.iou[n]:.4f}" if lesion and np.isfinite(result.iou[n]) else "",
+                int(result.hit_true[n]) if lesion else "",
+                int(result.peak_ij[n, 0]) if result.peak_ij[n, 0] >= 0 else "", int(result.peak_ij[n, 1]) if result.peak_ij[n, 1] >= 0 else "",
+            ])
+    plot_confusion(np.array(result.summary["all"]["classification"]["confusion_matrix"]), out / "confusion.png",
+                   f"{title} (all)" if title else "")
+    for g, s in result.summary.get("groups", {}).items():
+        plot_confusion(np.array(s["classification"]["confusion_matrix"]), out / f"confusion_{_safe(g)}.png", f"{title} ({g})" if title else g)
+    (out / "report.txt").write_text(((title + "\n") if title else "") + result.text() + "\n")
+    return out

@@ -1,0 +1,175 @@
+"""Training: loss goes down, resume continues exactly, early stopping stops, DDP keeps ranks in sync.
+
+Everything runs a tiny model (DRN-D-22 at width 1/8, 32x32 inputs) for a handful of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from DADRNLesionLib import data as D
+from DADRNLesionLib.model import ModelConfig
+from DADRNLesionLib.preprocess import InputSpec
+from DADRNLesionLib.train import AugmentConfig, TrainConfig, augment_batch, balanced_order, lr_at, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ModelConfig(backbone="drn_d_22", width=0.125, attention="dual", normalisation="softmax", fusion="concat")
+SIZE = 32
+
+
+def toy_cache(cases_per_class: int = 2, slices_per_case: int = 4, seed: int = 0) -> D.SliceCache:
+    """Liver-like disks; lesion classes add a blob whose brightness and size depend on the class."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    liver = ((yy - 16) ** 2 + (xx - 15) ** 2) < 13**2
+    images, labels, case, cases, masks = [], [], [], [], {}
+    for cls in range(5):
+        for c in range(cases_per_class):
+            ci = len(cases)
+            cases.append({"case_id": f"c{cls}_{c}", "patient_id": f"c{cls}_{c}", "group": "toy", "split": "",
+                          "case_class": ["normal", "cyst", "fnh", "hcc", "hem"][cls], "box": [0, SIZE, 0, SIZE],
+                          "n_slices": slices_per_case, "n_excluded": 0, "spacing": [1.0, 1.0, 1.0]})
+            for s in range(slices_per_case):
+                img = np.where(liver, 0.5, 0.0) + rng.normal(0, 0.03, (SIZE, SIZE)) * liver
+                lesion = np.zeros((SIZE, SIZE), bool)
+                if cls:
+                    cy, cx = rng.integers(10, 22, 2)
+                    r = 2 + cls
+                    lesion = ((yy - cy) ** 2 + (xx - cx) ** 2 < r * r) & liver
+                    img = np.where(lesion, [0.0, 0.1, 0.85, 0.7, 0.3][cls], img)
+                img = np.clip(img, 0, 1)
+                masks[len(labels)] = np.stack([liver, lesion, lesion]).astype(np.uint8)
+                images.append(np.rint(np.stack([img] * 3) * 255).astype(np.uint8))
+                labels.append(cls)
+                case.append(ci)
+    n = len(labels)
+    return D.SliceCache(
+        spec=InputSpec(size=SIZE), rule=D.SliceRule(), images=np.stack(images), labels=np.array(labels),
+        case=np.array(case), slice_index=np.arange(n) % slices_per_case, input_slice_index=np.arange(n) % slices_per_case,
+        cases=cases, masks={k: v for k, v in masks.items() if labels[k] > 0}, source={"toy": seed},
+    )
+
+
+def toy_split(cache: D.SliceCache) -> dict[str, str]:
+    # Case 0 of every class trains, case 1 validates and tests (a toy: val and test may share).
+    return {c["case_id"]: ("train" if c["case_id"].endswith("_0") else "val") for c in cache.cases}
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def test_balanced_order_draws_every_class_equally():
+    labels = np.array([0] * 50 + [1] * 5 + [3] * 2)
+    order = balanced_order(np.arange(labels.size), labels, 30, np.random.default_rng(0))
+    counts = np.bincount(labels[order], minlength=5)
+    assert counts.tolist() == [10, 10, 0, 10, 0]
+    assert set(order[labels[order] == 1].tolist()) == set(range(50, 55))  # each small class is used up before repeating
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    lrs = [lr_at(s, 100, 1.0, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] < 0.01
+
+
+def test_augmentation_keeps_outside_the_liver_black_and_is_reproducible():
+    cache = toy_cache()
+    x = torch.from_numpy(cache.images[:8]).float() / 255
+    cfg = AugmentConfig(p_affine=0.0)  # no geometry: the liver outline must not move
+    a = augment_batch(x, cfg, 400.0, torch.Generator().manual_seed(3))
+    b = augment_batch(x, cfg, 400.0, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+    assert torch.equal(a > 0, x > 0)  # intensity changes stay inside; outside stays exactly zero
+    assert not torch.allclose(a, x)
+    g = augment_batch(x, AugmentConfig(p_affine=1.0), 400.0, torch.Generator().manual_seed(4))
+    assert g.shape == x.shape and not torch.equal(g > 0, x > 0)
+
+
+def test_a_few_steps_reduce_the_loss_on_a_fixed_batch(tmp_path):
+    cache = toy_cache()
+    split = toy_split(cache)
+    n_train = len(cache.indices_of_cases([c for c, s in split.items() if s == "train"]))
+    cfg = TrainConfig(epochs=8, batch_size=n_train, samples_per_epoch=n_train, balance="none", augment=None,
+                      lr=3e-3, warmup_fraction=0.0, label_smoothing=0.0, patience=0)
+    result = train(cache, split, TINY, cfg, tmp_path / "run", device="cpu", threads=1, evaluate_test=False, log=quiet, progress_bar=False)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 8 and result.steps == 8  # one step per epoch, always the same 20 slices
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 9
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+
+
+def test_early_stopping_triggers_after_patience_epochs_without_improvement(tmp_path):
+    cache = toy_cache()
+    cfg = TrainConfig(epochs=10, batch_size=8, samples_per_epoch=8, patience=2, min_delta=10.0, augment=None)
+    result = train(cache, toy_split(cache), TINY, cfg, tmp_path / "run", device="cpu", threads=1, evaluate_test=False, log=quiet, progress_bar=False)
+    assert result.status == "early_stopped"
+    assert result.epochs_run == 3 and result.best_epoch == 1  # epoch 1 is the best, 2 and 3 do not improve
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "early_stopped"
+
+
+def _cli(args: list[str]) -> int:
+    from DADRNLesionLib.cli import main
+
+    return main(args)
+
+
+def test_cli_train_resumes_at_the_same_step_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+    cache = toy_cache()
+    cache.save(tmp_path / "cache")
+    D.write_split(tmp_path / "split.csv", {**toy_split(cache), "c4_1": "test", "c3_1": "test"})
+    common = ["train", "--cache", str(tmp_path / "cache"), "--split-file", str(tmp_path / "split.csv"), "--input-size", str(SIZE),
+              "--model", "dadrn50-b", "--backbone", "drn_d_22", "--width", "0.125", "--epochs", "2", "--batch-size", "4",
+              "--samples-per-epoch", "12", "--device", "cpu", "--threads", "1", "--quiet", "--seed", "5"]
+    assert _cli(common + ["--out", str(tmp_path / "straight")]) == 0
+    assert _cli(common + ["--out", str(tmp_path / "split_run"), "--max-steps", "4"]) == 0
+    first = torch.load(tmp_path / "split_run" / "checkpoint.pt", weights_only=True)
+    assert first["step"] == 4 and first["epoch"] == 1 and first["batch"] == 1  # stopped inside epoch 2
+    assert _cli(common + ["--out", str(tmp_path / "split_run")]) == 2  # an existing run needs --resume or --overwrite
+    assert _cli(common + ["--out", str(tmp_path / "split_run"), "--resume"]) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split_run" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # The best model loads through the product's loader, its card holds validation and test figures.
+    from DADRNLesionLib.weights import load_checkpoint
+
+    loaded = load_checkpoint(tmp_path / "split_run" / "best.safetensors")
+    assert loaded.card.input.size == SIZE and loaded.card.config.width == 0.125
+    assert "validation" in loaded.card.metrics and loaded.card.metrics["test"]["all"]["slices"] == 8
+    assert (tmp_path / "split_run" / "test" / "confusion.png").is_file()
+    assert loaded.card.training["split"]["train"]["cases"] == 5
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
+    cache = toy_cache()
+    cache.save(tmp_path / "cache")
+    D.write_split(tmp_path / "split.csv", toy_split(cache))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "DADRNLesion") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "DADRNLesionLib",
+           "train", "--cache", str(tmp_path / "cache"), "--split-file", str(tmp_path / "split.csv"), "--input-size", str(SIZE),
+           "--backbone", "drn_d_22", "--width", "0.125", "--epochs", "1", "--batch-size", "4", "--samples-per-epoch", "24",
+           "--device", "cpu", "--threads", "1", "--no-test", "--quiet", "--out", str(tmp_path / "ddp")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
+    dist = summary["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo"
+    assert sorted(r["rank"] for r in dist["ranks"]) == [0, 1]
+    assert all(r["steps"] == 3 for r in dist["ranks"])  # 24 slices / (2 processes x 4)
+    assert dist["in_sync"] and len({r["params"] for r in dist["ranks"]}) == 1
+    assert (tmp_path / "ddp" / "best.safetensors").is_file()
