@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .classifier import PRESETS, ModelConfig, register_backbone
-from .drn import Bottleneck, _ch
+from .drn import Bottleneck, _ch, init_residual_network
 
 __all__ = ["SqueezeExcitation", "SEBottleneck", "SoftMaskBranch", "ResidualAttentionModule", "ResNet", "build_resnet", "RESNET_KINDS"]
 
@@ -159,18 +159,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Each residual unit starts as an identity (zero last BN), as in the DRN builder.
-        for m in self.modules():
-            if isinstance(m, Bottleneck) and m.residual:
-                nn.init.zeros_(m.bn3.weight)
+        init_residual_network(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["DRNSpec", "DRN", "DRN_SPECS", "build_drn"]
+__all__ = ["DRNSpec", "DRN", "DRN_SPECS", "build_drn", "init_residual_network"]
 
 
 @dataclass(frozen=True)
@@ -181,24 +181,31 @@ class DRN(nn.Module):
         return nn.Sequential(*layers)
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Zero the last BN of each residual branch so every block starts close to identity.
-        for m in self.modules():
-            if isinstance(m, Bottleneck) and m.residual:
-                nn.init.zeros_(m.bn3.weight)
-            elif isinstance(m, BasicBlock) and m.residual:
-                nn.init.zeros_(m.bn2.weight)
+        init_residual_network(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         for group in self.groups:
             x = group(x)
         return x
+
+
+def init_residual_network(net: nn.Module) -> None:
+    """He-initialised convolutions, unit BatchNorm, and the last BN of every residual branch at zero
+    so that each block starts close to identity (shared by the DRNs and the ResNet baselines)."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in net.modules():
+        if isinstance(m, Bottleneck) and m.residual:
+            nn.init.zeros_(m.bn3.weight)
+        elif isinstance(m, BasicBlock) and m.residual:
+            nn.init.zeros_(m.bn2.weight)
 
 
 def build_drn(name: str, width: float = 1.0, in_channels: int = 3, layers: Sequence[int] | None = None) -> DRN:
