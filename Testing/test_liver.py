@@ -222,3 +222,62 @@ def test_totalsegmentator_is_optional(tmp_path):
 
     with pytest.raises(UserInputError, match="TotalSegmentator is not installed"):
         totalsegmentator_liver(tmp_path / "ct.nii.gz")
+
+
+def test_surface_takes_in_voxels_that_are_more_liver_than_fat():
+    """Partial volume at the surface: a voxel above the liver/fat midpoint is liver, one below is not."""
+    from DADRNLesionLib.liver import LiverParams, _take_partial_volume
+
+    yy, xx = np.mgrid[0:40, 0:40]
+    r = np.hypot(yy - 20, xx - 20)
+    mask = np.broadcast_to(r <= 10, (3, 40, 40)).copy()
+    img = np.where(r <= 10, 60.0, -100.0).astype(np.float32)
+    ring = (r > 10) & (r <= 11)
+    img[ring & (xx < 20)] = -5.0  # liver fills more than half of these voxels (midpoint -20)
+    img[ring & (xx >= 20)] = -40.0  # fat fills more than half of these
+    img = np.broadcast_to(img, (3, 40, 40)).copy()
+    local = np.full(img.shape, 60.0, np.float32)
+    allowed = np.ones(img.shape, bool)
+    out = _take_partial_volume(mask, img, local, allowed, 18.0, -100.0, (3.0, 1.5, 1.5), LiverParams())
+    added = out & ~mask
+    assert added[1][ring & (xx < 20)].all()
+    assert not added[1][ring & (xx >= 20)].any() and not added[1][r > 11].any()
+    # Where the muscle rule forbids liver, the midpoint rule adds nothing.
+    out = _take_partial_volume(mask, img, local, np.zeros(img.shape, bool), 18.0, -100.0, (3.0, 1.5, 1.5), LiverParams())
+    assert np.array_equal(out, mask)
+
+
+def test_a_vessel_passing_by_is_dropped_but_a_lesion_and_thin_veins_are_kept():
+    """Filled-in pieces: the IVC-like tube continues far outside the liver (dropped); a lesion
+    wholly inside and a thin vein joining the tube stay liver."""
+    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures, _Scan
+
+    sp = (3.0, 3.0, 3.0)
+    shape = (40, 50, 50)
+    kk, jj, ii = np.indices(shape)
+    liver_block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    ivc = np.hypot(jj - 25, ii - 16) * 3.0 <= 12.0  # 24 mm across, top to bottom of the volume
+    lesion = np.sqrt((kk - 15) ** 2 + (jj - 35) ** 2 + (ii - 33) ** 2) * 3.0 <= 10.0
+    vein = (np.hypot(kk - 20, jj - 25) * 3.0 <= 4.5) & (ii >= 16) & (ii < 38)  # thin, joins the tube
+    hu = np.full(shape, -100.0, np.float32)
+    hu[liver_block] = 60.0
+    hu[ivc | lesion | vein] = 120.0
+    core = liver_block & ~ivc & ~lesion & ~vein
+    liver = liver_block.copy()  # what slice-wise filling and the closing gave
+    dummy = np.zeros(shape, np.float32)
+    s = _Scan(hu=hu, raw=hu, spacing=sp, body=np.ones(shape, bool), u=dummy, v=dummy, homogeneous=np.zeros(shape, bool),
+              wall_depth=dummy + 50.0, spine_dist=dummy + 100.0, behind_spine=np.zeros(shape, bool), muscle=(50.0, 10.0))
+    out = _drop_passing_structures(liver, core, s, LiverParams())
+    inside_ivc = ivc & liver_block
+    assert out[inside_ivc].mean() < 0.1, "the passing tube should leave the mask"
+    assert out[lesion].all(), "a lesion wholly inside is liver"
+    # (a rim of about one opening radius around the tube goes with it)
+    from scipy import ndimage
+
+    beyond_rim = ndimage.distance_transform_edt(~ivc, sampling=sp) > 2 * LiverParams().passing_radius_mm
+    assert out[vein & beyond_rim].all(), "a thin vein is liver"
+    assert out[core].all()
+    # Switched off, nothing changes.
+    from dataclasses import replace
+
+    assert np.array_equal(_drop_passing_structures(liver, core, s, replace(LiverParams(), passing_mm=0.0)), liver)

@@ -75,6 +75,9 @@ class LiverParams:
     edge_mm: float = 9.0  # how far the surface may settle outwards onto the half level of the edge
     refine: bool = True  # re-decide the surface at full resolution
     refine_steps: float = 1.0  # outward settling at full resolution, in coarse voxels
+    partial_mm: float = 1.5  # how far the surface may take in partial-volume voxels against fat (in-plane)
+    passing_mm: float = 15.0  # a filled-in structure that continues this far outside the liver is not liver
+    passing_radius_mm: float = 8.0  # ... and is at least this thick: the IVC (about 2 cm), not the portal or hepatic veins
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,7 +351,9 @@ def _prepare(canon: np.ndarray, spacing_full, p: LiverParams) -> tuple[_Scan, tu
     # layer (thinner, partial volume with fat) is the fallback
     vals = hu[paraspinal] if paraspinal.sum() >= 50 else hu[wall_layer]
     muscle = _histogram_mode(vals)[:2] if vals.size >= 50 else (float("nan"), float("nan"))
-    info = {"factors": f, "muscle": muscle}
+    fat_vals = raw[body & (raw > -250) & (raw < -30)]
+    fat = _histogram_mode(fat_vals, lo=-250.0, hi=-30.0)[0] if fat_vals.size >= 50 else -100.0
+    info = {"factors": f, "muscle": muscle, "fat": fat}
     return _Scan(hu, raw, spacing, body, u, v, homogeneous, wall_depth, spine_dist, behind, muscle, info), f
 
 
@@ -652,7 +657,51 @@ def _complete(r: _Result, s: _Scan, p: LiverParams):
     liver = liver | (closed & tissue)
     liver = _fill_slices(liver)
     liver = ndi.binary_fill_holes(liver)  # 3D holes (a lesion wholly inside)
+    liver = _drop_passing_structures(liver, r.liver, s, p)
     return _largest_cc(liver)
+
+
+def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams):
+    """Remove what the filling added that is an organ passing by, not a part of the liver.
+
+    The IVC runs in a groove of the liver and the upper pole of the right kidney, the gallbladder or
+    the portal vein can be wrapped by liver in a slice, so slice-wise filling and the closing take
+    them in. A lesion ends within the liver; these continue outside it. The added voxels are opened
+    by a ball of `passing_radius_mm` first: the IVC (about 2 cm across) and the kidney survive it,
+    the portal vein (at most about 1.5 cm) and the hepatic veins, which also continue outside the
+    liver but belong to it, do not. Each remaining piece is followed outside the mask through tissue of
+    its own density (geodesically, 3D); one that reaches `passing_mm` beyond the liver's surface is
+    dropped, with the added voxels within one radius of it.
+    """
+    if p.passing_mm <= 0:
+        return liver
+    added = liver & ~core
+    thick = _open(added, p.passing_radius_mm, s.spacing) if added.any() else added
+    lab, n = ndi.label(thick)
+    if n == 0:
+        return liver
+    vox_ml = float(np.prod(s.spacing)) / 1000.0
+    sizes = np.bincount(lab.ravel(), minlength=n + 1)
+    outside = s.body & ~liver & (s.hu > -20)
+    reach = ndi.distance_transform_edt(~liver, sampling=s.spacing)
+    steps = max(1, int(round(2 * p.passing_mm / min(s.spacing))))
+    margin = [int(np.ceil(2 * p.passing_mm / sp)) + 1 for sp in s.spacing]
+    drop = np.zeros_like(liver)
+    for c, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None or sizes[c] * vox_ml < 1.0:
+            continue
+        box = tuple(slice(max(0, a.start - m), min(dim, a.stop + m)) for a, m, dim in zip(sl, margin, lab.shape))
+        piece = lab[box] == c
+        vals = s.hu[box][piece]
+        lo, hi = np.percentile(vals, 5) - 10.0, np.percentile(vals, 95) + 10.0
+        similar = outside[box] & (s.hu[box] >= lo) & (s.hu[box] <= hi)
+        walked = ndi.binary_dilation(piece, iterations=steps, mask=piece | similar)
+        if reach[box][walked & ~piece].max(initial=0.0) >= p.passing_mm:
+            drop[box] |= piece
+    if not drop.any():
+        return liver
+    drop = _ball_ops(drop, p.passing_radius_mm, s.spacing, "dilate") & added
+    return liver & ~drop
 
 
 def _score(liver, s: _Scan) -> float:
@@ -692,19 +741,27 @@ def _to_full(r: _Result, liver_c: np.ndarray, f, canon: np.ndarray, s: _Scan, p:
                 a = np.repeat(a, fc, axis=ax)
         return a[: shape[0], : shape[1], : shape[2]]
 
+    fine_sp = tuple(sp / fc for sp, fc in zip(s.spacing, f))
+    sig = [min(1.0 / sp, 1.5) for sp in fine_sp]
+    img = ndi.gaussian_filter(np.clip(canon[fsl], -1024, 3071).astype(np.float32), sig, mode="nearest")
+    local = rep(r.local[csl])
+    allowed = rep(_allowed(s, r.local, p)[csl])
     if all(fc == 1 for fc in f):
-        out = np.zeros(full_shape, bool)
-        out[:] = liver_c
-        return out
-    soft = up(liver_c[csl])
+        mask = liver_c[csl].copy()
+    else:
+        mask = _refine(r, liver_c[csl], up, rep, img, local, allowed, f, p, csl)
+    mask = _take_partial_volume(mask, img, local, allowed, r.half, float(s.info.get("fat", -100.0)), fine_sp, p)
+    out = np.zeros(full_shape, bool)
+    out[fsl] = mask
+    return out
+
+
+def _refine(r: _Result, liver_c, up, rep, img, local, allowed, f, p: LiverParams, csl) -> np.ndarray:
+    """The coarse surface re-decided voxel by voxel at full resolution."""
+    soft = up(liver_c)
     mask = soft >= 0.5
     edge = (soft > 0.02) & (soft < 0.98)
     if p.refine and edge.any():
-        local = rep(r.local[csl])
-        allowed = rep(_allowed(s, r.local, p)[csl])
-        fine_sp = tuple(sp / fc for sp, fc in zip(s.spacing, f))
-        sig = [min(1.0 / sp, 1.5) for sp in fine_sp]
-        img = ndi.gaussian_filter(np.clip(canon[fsl], -1024, 3071).astype(np.float32), sig, mode="nearest")
         # Inside the coarse surface a voxel stays unless it is fat (below half-way from the liver
         # level to fat): lesions and vessels decided by the closing keep their coarse answer.
         # Outside it, a voxel joins if it is in the liver band, or between the half level
@@ -722,9 +779,23 @@ def _to_full(r: _Result, liver_c: np.ndarray, f, canon: np.ndarray, s: _Scan, p:
         steps = int(round(max(f[1:]) * p.refine_steps))
         if steps:
             mask = ndi.binary_dilation(mask, st, iterations=steps, mask=grow | mask)
-    out = np.zeros(full_shape, bool)
-    out[fsl] = mask
-    return out
+    return mask
+
+
+def _take_partial_volume(mask, img, local, allowed, half, fat, spacing, p: LiverParams) -> np.ndarray:
+    """Take in the outermost voxels that are more liver than fat.
+
+    A surface voxel is liver when liver fills at least half of it, i.e. when its HU is above the
+    midpoint of the liver level and this scan's fat level. The band and the half level towards the
+    mixed tissue around the liver (measured over several mm) both stop short of that, which leaves
+    a one-voxel rim of the liver outside the mask; against muscle the midpoint rule does not apply
+    (the muscle rule in `allowed` keeps those voxels out).
+    """
+    if p.partial_mm <= 0 or not mask.any():
+        return mask
+    steps = max(1, int(round(p.partial_mm / min(spacing[1:]))))
+    ok = (img >= 0.5 * (local + fat)) & (img <= local + half) & allowed
+    return ndi.binary_dilation(mask, _INPLANE, iterations=steps, mask=ok | mask)
 
 
 def _segment_canonical(canon: np.ndarray, spacing_full, p: LiverParams, progress: Progress):
