@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
-from DADRNLesionLib.bench import benchmark_model, end_to_end, main, measure_throughput
+from DADRNLesionLib.bench import benchmark_model, end_to_end, main, measure_interleaved, measure_throughput
 from DADRNLesionLib.io import write_volume
 from DADRNLesionLib.preprocess import InputSpec
 from DADRNLesionLib.weights import random_model
@@ -25,6 +26,16 @@ def test_throughput_counts_slices_per_second():
     rate = measure_throughput(lambda: calls.append(1), batch=10, device=torch.device("cpu"), min_time=0.05, min_iters=3)
     assert rate["iterations"] >= 3 and len(calls) == rate["iterations"] + 1  # one warm-up call
     assert rate["slices_per_s"] == pytest.approx(10 / rate["median_batch_s"])
+
+
+def test_interleaved_steps_alternate_and_each_gets_its_own_figure():
+    order = []
+    steps = {"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.002))}
+    rates = measure_interleaved(steps, batch=4, device=torch.device("cpu"), min_time=0.02, min_iters=3)
+    assert order[:2] == ["a", "b"]  # one warm-up call each, then rounds
+    assert order[2:] == ["a", "b"] * rates["a"]["iterations"]
+    assert rates["a"]["iterations"] == rates["b"]["iterations"] >= 3
+    assert rates["b"]["median_batch_s"] >= 0.002 and rates["a"]["slices_per_s"] > rates["b"]["slices_per_s"]
 
 
 def test_model_figures_and_ratios_are_consistent(tiny):

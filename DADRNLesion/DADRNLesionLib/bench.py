@@ -27,7 +27,7 @@ from . import __version__
 from .cam import GradCAM, naive_grad_cam
 from .weights import DEMO_WEIGHTS, LoadedModel, load_checkpoint, random_model
 
-__all__ = ["measure_throughput", "benchmark_model", "end_to_end", "run_benchmark", "main", "add_parser"]
+__all__ = ["measure_throughput", "measure_interleaved", "benchmark_model", "end_to_end", "run_benchmark", "main", "add_parser"]
 
 
 def _sync(device: torch.device) -> None:
@@ -38,18 +38,37 @@ def _sync(device: torch.device) -> None:
 def measure_throughput(step: Callable[[], Any], batch: int, device: torch.device, *, min_time: float = 2.0,
                        min_iters: int = 2, warmup: int = 1, max_iters: int = 1000) -> dict[str, float]:
     """Slices per second of `step` (one batch per call): median of per-call rates after warm-up."""
-    for _ in range(warmup):
-        step()
+    return measure_interleaved({"step": step}, batch, device, min_time=min_time, min_iters=min_iters, warmup=warmup,
+                               max_iters=max_iters)["step"]
+
+
+def measure_interleaved(steps: dict[str, Callable[[], Any]], batch: int, device: torch.device, *, min_time: float = 2.0,
+                        min_iters: int = 2, warmup: int = 1, max_iters: int = 1000) -> dict[str, dict[str, float]]:
+    """Time several steps in alternation (A B C A B C ...) so that a load that drifts during the run
+    (other jobs, turbo, thermal) falls on every step alike and their ratios stay fair.
+
+    Each step runs `warmup` calls first, then rounds continue until every step has `min_iters`
+    calls and `min_time` seconds of its own; figures are medians of the per-call times."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while (len(times) < min_iters or time.perf_counter() - start < min_time) and len(times) < max_iters:
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    per_call = float(np.median(times))
-    return {"slices_per_s": batch / per_call, "iterations": len(times), "median_batch_s": per_call}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+
+    def more() -> bool:
+        return any(len(t) < min_iters or sum(t) < min_time for t in times.values()) and min(map(len, times.values())) < max_iters
+
+    while more():
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, t in times.items():
+        per_call = float(np.median(t))
+        out[name] = {"slices_per_s": batch / per_call, "iterations": len(t), "median_batch_s": per_call}
+    return out
 
 
 def _amp(device: torch.device, dtype: str) -> Optional[torch.dtype]:
@@ -94,13 +113,15 @@ def benchmark_model(loaded: LoadedModel, device: torch.device, batch: int, dtype
         "dtype": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
     }
-    fwd = measure_throughput(forward, batch, device, min_time=min_time)
-    cam_r = measure_throughput(forward_cam, batch, device, min_time=min_time)
+    steps = {"forward": forward, "cam": forward_cam, **({"naive": naive_cam} if naive else {})}
+    rates = measure_interleaved(steps, batch, device, min_time=min_time)
+    fwd, cam_r = rates["forward"], rates["cam"]
+    out["iterations"] = {name: r["iterations"] for name, r in rates.items()}
     out["forward_slices_per_s"] = fwd["slices_per_s"]
     out["cam_slices_per_s"] = cam_r["slices_per_s"]
     out["cam_vs_forward"] = cam_r["slices_per_s"] / fwd["slices_per_s"]
     if naive:
-        nv = measure_throughput(naive_cam, batch, device, min_time=min_time)
+        nv = rates["naive"]
         out["naive_cam_slices_per_s"] = nv["slices_per_s"]
         out["cam_vs_naive"] = cam_r["slices_per_s"] / nv["slices_per_s"]
     if device.type == "cuda":
