@@ -334,6 +334,13 @@ def _case_counts(cache: SliceCache, split: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _provenance(init_from: Any) -> dict[str, Any]:
+    """What a fine-tuned model started from, so that its card tells its whole training."""
+    card = init_from.card
+    return {"model_id": card.model_id, "sha256": card.sha256, "path": str(init_from.path),
+            "steps": card.training.get("steps"), "command": card.training.get("command")}
+
+
 # --------------------------------------------------------------------------------------------
 # the loop
 
@@ -348,6 +355,7 @@ def train(
     device: str = "auto",
     threads: Optional[int] = None,
     resume: bool = False,
+    init_from: Optional[Any] = None,
     model_id: Optional[str] = None,
     intended_use: str = "",
     description: Optional[dict[str, Any]] = None,
@@ -357,7 +365,10 @@ def train(
     progress_bar: bool = True,
 ) -> TrainResult:
     """Train `model_config` on the cache's train split, validate on val, test the best on test
-    (on `test_cache` when given, e.g. the cache before its normal slices were thinned)."""
+    (on `test_cache` when given, e.g. the cache before its normal slices were thinned).
+
+    `init_from` (a `weights.LoadedModel` of the same architecture) starts from trained weights
+    instead of a random initialisation: fine-tuning, e.g. the demo model on a hospital's data."""
     from .pipeline import resolve_device
 
     t_start = time.perf_counter()
@@ -381,7 +392,10 @@ def train(
         amp_dtype = _amp_dtype(dev, cfg.amp)
 
         torch.manual_seed(_seed_for(cfg.seed, 0xC0DE))
-        model = build_model(model_config).to(dev)
+        model = build_model(model_config)
+        if init_from is not None and not resume:
+            model.load_state_dict(init_from.model.state_dict(), strict=True)
+        model = model.to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
         decay, no_decay = [], []
@@ -468,6 +482,7 @@ def train(
                     "steps": state["step"],
                     "seconds": round(elapsed(), 1),
                     "torch": torch.__version__,
+                    **({"initialised_from": _provenance(init_from)} if init_from is not None else {}),
                     **(description or {}),
                 },
                 metrics=metrics,

@@ -60,6 +60,9 @@ def add_parser(subparsers) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, type=Path, metavar="DIR")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    r.add_argument("--init-weights", type=Path, metavar="FILE",
+                   help="start from these weights (a .safetensors with its model card, checksum verified) instead of a "
+                        "random initialisation: fine-tuning; the architecture must be the same")
     r.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: one GPU per process)")
     r.add_argument("--no-amp", action="store_true", help="full precision on the GPU")
@@ -116,6 +119,7 @@ def run(args) -> int:
         augment=None if args.no_augment else AugmentConfig(), amp=False if args.no_amp else None,
         patience=args.patience, monitor=args.monitor, min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
     )
+    init_from = _init_weights(args.init_weights, config) if args.init_weights and not args.resume else None
     full = _cache_for_rank(args, spec, reporter, rank)
     # Train and validate on thinned normal slices if asked; test on every labelled slice.
     cache = full.thin_normal_slices(args.normal_per_case) if args.normal_per_case is not None else full
@@ -134,13 +138,27 @@ def run(args) -> int:
 
     result = train(
         cache, split, config, cfg, out, device=args.device, threads=args.threads, resume=args.resume,
-        model_id=args.model_id, intended_use=args.intended_use, description=description,
+        init_from=init_from, model_id=args.model_id, intended_use=args.intended_use, description=description,
         evaluate_test=not args.no_test, test_cache=full, log=log, progress_bar=not args.quiet and args.progress_format == "text",
     )
     if rank == 0:
         reporter.done(out=str(out), status=result.status, best_epoch=result.best_epoch, steps=result.steps,
                       weights=str(result.best_weights) if result.best_weights else None)
     return 0
+
+
+def _init_weights(path: Path, config):
+    """Load (and verify) the starting weights; refuse another architecture before any data work."""
+    from ..weights import load_checkpoint
+
+    loaded = load_checkpoint(path)
+    theirs, ours = loaded.card.config.to_dict(), config.to_dict()
+    differ = sorted(k for k in set(theirs) | set(ours) if k != "dropout" and theirs.get(k) != ours.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} in the weights vs {ours.get(k)!r} here" for k in differ)
+        raise UserInputError(f"--init-weights {path} holds another architecture ({detail}): "
+                             "give the same --model/--backbone/--width/... as its card")
+    return loaded
 
 
 def _cache_for_rank(args, spec, reporter, rank: int):
