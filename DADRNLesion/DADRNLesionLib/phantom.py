@@ -171,6 +171,8 @@ class _Canvas:
         self.coarse, self.fine = coarse, fine  # (step in-plane, step along z) of the two grids
         self.img = np.full(shape, -1000.0, np.float32)
         self._tex: dict = {}
+        self._liver: Optional[_Occ] = None  # the liver's occupancy, once painted
+        self._liver_visible: Optional[np.ndarray] = None  # what of it later structures left uncovered
 
     # -- boxes and painting ---------------------------------------------------------------------
     def box(self, lo, hi, fine: bool = False) -> Optional[_Box]:
@@ -250,7 +252,26 @@ class _Canvas:
         if oc is None:
             return None
         self.composite(oc, value)
+        if self._liver is not None and clip is not self._liver:
+            self._cover_liver(oc)
         return oc
+
+    def hold_liver(self, oc: _Occ) -> None:
+        """From now on, a structure painted over the liver (not clipped to it) takes its place in
+        the liver label too, as it does in the image: the aorta or a vein trunk that the liver's
+        shape overlaps is not liver. Intrahepatic vessels and lesions are painted clipped to the
+        liver and stay liver."""
+        self._liver = oc
+        self._liver_visible = oc.occ.astype(np.float32, copy=True)
+
+    def _cover_liver(self, oc: _Occ) -> None:
+        self._liver_visible *= 1.0 - oc.take(self._liver.region.bounds)
+
+    def liver_label(self) -> Optional[tuple]:
+        """(slices, liver fills at least half the voxel after everything painted over it), or None."""
+        if self._liver is None:
+            return None
+        return self._liver.region.sl, self._liver_visible >= 0.5
 
     def composite(self, oc: _Occ, value) -> None:
         reg = oc.region
@@ -850,6 +871,8 @@ def _paint_anatomy(cv: _Canvas, c: _Case, rng):  # noqa: C901 - one recipe, read
     liver_occ = None
     if fl is not None:
         liver_occ = cv.paint(lbox, fl, lambda r: c.P + une * r.tex(20.0) + 2.0 * r.tex(4.0))
+        if liver_occ is not None:
+            cv.hold_liver(liver_occ)
     out.update(liver_box=lbox, liver_f=fl, liver_occ=liver_occ)
 
     # Gallbladder (wall, bile) in its fossa under the liver.
@@ -1192,9 +1215,9 @@ def generate_case(
     anat = _paint_anatomy(cv, c, r_anat)
     label, lesions = _paint_lesions(cv, c, anat, cls, n_les, r_les, hard_case, (px, py, sz), thick)
     liver = np.zeros(cv.shape, np.uint8)
-    if anat["liver_occ"] is not None:
-        oc = anat["liver_occ"]
-        liver[oc.region.sl] = oc.occ >= 0.5
+    held = cv.liver_label()
+    if held is not None:
+        liver[held[0]] = held[1]
     liver[label > 0] = 1
     ct, img_meta = _form_image(cv, r_img, noise, thick, sz)
     geom = dict(spacing=(px, py, sz), origin=origin, direction=np.eye(3))
