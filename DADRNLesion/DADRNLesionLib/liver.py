@@ -77,7 +77,7 @@ class LiverParams:
     refine_steps: float = 1.0  # outward settling at full resolution, in coarse voxels
     partial_mm: float = 1.5  # how far the surface may take in partial-volume voxels against fat (in-plane)
     passing_mm: float = 15.0  # a filled-in structure that continues this far outside the liver is not liver
-    passing_radius_mm: float = 8.0  # ... and is at least this thick: the IVC (about 2 cm), not the portal or hepatic veins
+    passing_radius_mm: float = 6.0  # ... and is this thick: IVC, portal vein trunk, kidney; not intrahepatic veins
 
 
 # --------------------------------------------------------------------------------------------
@@ -666,10 +666,11 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams):
 
     The IVC runs in a groove of the liver and the upper pole of the right kidney, the gallbladder or
     the portal vein can be wrapped by liver in a slice, so slice-wise filling and the closing take
-    them in. A lesion ends within the liver; these continue outside it. The added voxels are opened
-    by a ball of `passing_radius_mm` first: the IVC (about 2 cm across) and the kidney survive it,
-    the portal vein (at most about 1.5 cm) and the hepatic veins, which also continue outside the
-    liver but belong to it, do not. Each remaining piece is followed outside the mask through tissue of
+    them in, and the portal vein trunk at the hilum. A lesion ends within the liver; these continue
+    outside it. The added voxels are opened by a ball of `passing_radius_mm` first: the IVC (about
+    2 cm across), the portal vein trunk (1.2-1.5 cm) and the kidney survive it, the hepatic veins and
+    the intrahepatic portal branches, which also reach outside the liver through the IVC or the
+    trunk but belong to it, do not. Each remaining piece is followed outside the mask through tissue of
     its own density (geodesically, 3D); one that reaches `passing_mm` beyond the liver's surface is
     dropped, with the added voxels within one radius of it.
     """
