@@ -664,10 +664,9 @@ def _complete(r: _Result, s: _Scan, p: LiverParams):
 def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams):
     """Remove what the filling added that is an organ passing by, not a part of the liver.
 
-    The IVC runs in a groove of the liver and the upper pole of the right kidney, the gallbladder or
-    the portal vein can be wrapped by liver in a slice, so slice-wise filling and the closing take
-    them in, and the portal vein trunk at the hilum. A lesion ends within the liver; these continue
-    outside it. The added voxels are opened by a ball of `passing_radius_mm` first: the IVC (about
+    The IVC in its groove, the upper pole of the right kidney, the gallbladder and the portal vein
+    trunk at the hilum can be wrapped by liver in a slice, so slice-wise filling and the closing take
+    them in. A lesion ends within the liver; these continue outside it. The added voxels are opened by a ball of `passing_radius_mm` first: the IVC (about
     2 cm across), the portal vein trunk (1.2-1.5 cm) and the kidney survive it, the hepatic veins and
     the intrahepatic portal branches, which also reach outside the liver through the IVC or the
     trunk but belong to it, do not. Each remaining piece is followed outside the mask through tissue of
