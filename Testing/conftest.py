@@ -52,3 +52,14 @@ def make_abdomen(shape=(12, 96, 96), spacing=(1.5, 1.5, 3.0), seed=0):
 @pytest.fixture
 def abdomen():
     return make_abdomen()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small models train faster on one thread, and far faster on a machine shared with other jobs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -17,13 +17,7 @@ from DADRNLesionLib.weights import ModelCard, load_checkpoint, save_checkpoint
 BASELINES = ("se_resnet50", "ra_resnet50")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train faster on one thread, and far faster on a machine shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def count(module) -> int:

@@ -21,13 +21,7 @@ from DADRNLesionLib.train import TrainConfig
 SIZE = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models train faster on one thread, and far faster on a machine shared with other jobs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def synthetic_cache(per_class: int = 5, slices: int = 4, seed: int = 0) -> SliceCache:

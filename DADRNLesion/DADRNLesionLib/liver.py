@@ -302,6 +302,13 @@ def _histogram_mode(vals, lo=-30.0, hi=250.0, width=2.0):
     smooth_bins = 1.5
     hs = ndi.gaussian_filter1d(h.astype(float), smooth_bins)
     i = int(np.argmax(hs))
+    sd = _peak_sd(hs, i, width, smooth_bins)
+    return float(bins[i] + width / 2), float(np.clip(sd, 3.0, 40.0)), hs, bins
+
+
+def _peak_sd(hs: np.ndarray, i: int, width: float, smooth_bins: float) -> float:
+    """Gaussian-equivalent spread of the smoothed histogram's peak at bin i: from its half width at
+    half maximum (the narrower side, which a neighbouring peak does not widen), less the smoothing."""
     half = hs[i] / 2
     a = i
     while a > 0 and hs[a] > half:
@@ -310,8 +317,7 @@ def _histogram_mode(vals, lo=-30.0, hi=250.0, width=2.0):
     while b < len(hs) - 1 and hs[b] > half:
         b += 1
     hwhm = min(i - a, b - i) * width
-    sd = float(np.sqrt(max((hwhm / 1.1774) ** 2 - (smooth_bins * width) ** 2, 0.0)))
-    return float(bins[i] + width / 2), float(np.clip(sd, 3.0, 40.0)), hs, bins
+    return float(np.sqrt(max((hwhm / 1.1774) ** 2 - (smooth_bins * width) ** 2, 0.0)))
 
 
 def _prepare(canon: np.ndarray, spacing_full, p: LiverParams) -> tuple[_Scan, tuple[int, int, int]]:
@@ -432,15 +438,7 @@ def _intensity_candidates(s: _Scan, p: LiverParams, n_max: int = 3):
     peaks.sort(key=lambda i: -hs[i])
     out = []
     for i in peaks[:n_max]:
-        half = hs[i] / 2
-        lo = i
-        while lo > 0 and hs[lo] > half:
-            lo -= 1
-        hi = i
-        while hi < len(hs) - 1 and hs[hi] > half:
-            hi += 1
-        hwhm = min(centres[i] - centres[lo], centres[hi] - centres[i])
-        sigma = float(np.sqrt(max((hwhm / 1.1774) ** 2 - (2.0 * smooth_bins) ** 2, 0.0)))
+        sigma = _peak_sd(hs, i, 2.0, smooth_bins)
         out.append((float(centres[i]), float(np.clip(sigma, 3.0, 40.0)), float(hs[i] / hs.max())))
     if not out:
         raise NoLiverFoundError(
