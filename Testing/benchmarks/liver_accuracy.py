@@ -149,6 +149,9 @@ SENSITIVITY = {
     "max_area_jump": (1.3, 2.0),
     "spine_mm": (30.0, 50.0),
     "edge_mm": (6.0, 12.0),
+    "partial_mm": (0.0, 2.5),
+    "passing_mm": (0.0, 25.0),
+    "passing_radius_mm": (5.0, 8.0),
 }
 
 
