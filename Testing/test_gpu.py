@@ -50,3 +50,18 @@ def test_head_only_cam_equals_naive_on_gpu(model):
     assert torch.equal(fast.target, slow.target)
     assert torch.allclose(fast.cams, slow.cams, atol=1e-4 * float(slow.cams.abs().max()) + 1e-6)
     net.cpu()
+
+
+def test_augmentation_on_the_gpu_keeps_outside_black_and_is_reproducible():
+    from DADRNLesionLib.train import AugmentConfig, augment_batch
+
+    x = torch.zeros(4, 3, 64, 64)
+    x[:, :, 16:48, 16:48] = 0.5
+    x = x.cuda()
+    cfg = AugmentConfig(p_affine=0.0, noise_hu=20.0)
+    a = augment_batch(x, cfg, 400.0, torch.Generator().manual_seed(3))
+    b = augment_batch(x, cfg, 400.0, torch.Generator().manual_seed(3))
+    assert a.device.type == "cuda" and torch.equal(a, b)
+    assert torch.equal(a > 0, x > 0)
+    inside = a[x > 0] - 0.5
+    assert float(inside.std()) > 0.5 / 400.0  # the noise field reached the liver

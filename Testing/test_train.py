@@ -119,6 +119,30 @@ def test_early_stopping_triggers_after_patience_epochs_without_improvement(tmp_p
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "early_stopped"
 
 
+def test_epochs_within_a_time_limit_follow_the_slowest_recent_epoch():
+    from DADRNLesionLib.train import _epochs_within
+
+    history = [{"seconds": 10.0}, {"seconds": 12.0}, {"seconds": 11.0}]
+    assert _epochs_within(history, 3, 30, 100.0) == 3 + 8  # 100 s / 12 s per epoch
+    assert _epochs_within(history, 3, 5, 100.0) == 5  # never more than asked
+    assert _epochs_within(history, 3, 30, -5.0) == 3  # past the limit: stop where it is
+    assert _epochs_within([], 0, 30, 1.0) == 30  # nothing measured yet
+
+
+def test_a_time_limit_cuts_the_epochs_and_still_tests_the_best(tmp_path):
+    cache = toy_cache(cases_per_class=3)
+    split = {c["case_id"]: ("train", "val", "test")[int(c["case_id"][-1])] for c in cache.cases}
+    cfg = TrainConfig(epochs=6, batch_size=8, samples_per_epoch=8, patience=0, augment=None, time_limit_s=1e-6)
+    result = train(cache, split, TINY, cfg, tmp_path / "cut", device="cpu", threads=1, log=quiet, progress_bar=False)
+    assert result.status == "time_limit" and result.epochs_run == 1
+    card = json.loads((tmp_path / "cut" / "best.json").read_text())
+    assert "test" in card["metrics"] and card["training"]["epochs_run"] == 1
+    roomy = TrainConfig(epochs=2, batch_size=8, samples_per_epoch=8, patience=0, augment=None, time_limit_s=3600.0)
+    result = train(cache, split, TINY, roomy, tmp_path / "roomy", device="cpu", threads=1, evaluate_test=False,
+                   log=quiet, progress_bar=False)
+    assert result.status == "completed" and result.epochs_run == 2
+
+
 def _cli(args: list[str]) -> int:
     from DADRNLesionLib.cli import main
 

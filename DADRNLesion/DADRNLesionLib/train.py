@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from .classes import CLASS_NAMES
 from .data import SPLITS, SliceCache, write_split
-from .distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, setup, teardown
+from .distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup, teardown
 from .errors import UserInputError
 from .metrics import classification_summary, confusion_matrix
 from .model import LesionClassifier, ModelConfig, build_model
@@ -87,6 +87,7 @@ class TrainConfig:
     min_delta: float = 1e-4  # an improvement smaller than this does not count
     seed: int = 0
     max_steps: Optional[int] = None  # stop (and checkpoint) after this many optimizer steps
+    time_limit_s: Optional[float] = None  # fewer epochs, with the schedule fitted to them, when the loop would run longer
     grad_clip: float = 5.0
     eval_batch_size: int = 64
     sync_bn: bool = True  # SyncBatchNorm across GPUs under DDP
@@ -98,6 +99,8 @@ class TrainConfig:
             raise UserInputError(f"monitor must be one of {', '.join(MONITORS)}, not {self.monitor!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserInputError("epochs and batch size must be >= 1 and the learning rate positive")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise UserInputError(f"the time limit must be positive, not {self.time_limit_s}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,7 +121,7 @@ class TrainConfig:
 class TrainResult:
     out_dir: Path
     best_weights: Optional[Path]
-    status: str  # completed | early_stopped | max_steps
+    status: str  # completed | early_stopped | max_steps | time_limit
     epochs_run: int
     steps: int
     best_epoch: int
@@ -195,7 +198,12 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, window_width: float, gen:
     y = (x - 0.5) * contrast + 0.5 + shift_v
     if cfg.noise_hu > 0:
         sigma = u(0.0, cfg.noise_hu, n, 1, 1, 1) * hu
-        y = y + torch.randn(x.shape, generator=gen).to(dev) * sigma
+        if dev.type == "cuda":  # a full-size noise field drawn on the CPU would cost more than the step
+            noise_gen = torch.Generator(device=dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            noise = torch.randn(x.shape, generator=noise_gen, device=dev, dtype=x.dtype)
+        else:
+            noise = torch.randn(x.shape, generator=gen)
+        y = y + noise * sigma
     # Keep the liver strictly above 0 so that "outside the liver" stays exactly zero.
     y = torch.where(inside, y.clamp(1.0 / 255.0, 1.0), torch.zeros_like(y))
     return y
@@ -398,6 +406,7 @@ def train(
         model = model.to(dev)
         if dev.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True  # one input size throughout: the fastest kernels are found once
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -420,7 +429,7 @@ def train(
                                  "world_size": env.world_size, "split": sorted(split.items())}, sort_keys=True)
 
         state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [],
-                                 "seconds": 0.0}
+                                 "seconds": 0.0, "epochs": cfg.epochs}
         best_state: Optional[dict[str, torch.Tensor]] = None
         ckpt_path = out / CHECKPOINT
         if resume:
@@ -440,6 +449,7 @@ def train(
                 state[k] = saved.get(k, state[k])
             state["history"] = [dict(h) for h in saved["history"]]
             best_state = saved.get("best_model") or None
+            state["epochs"] = cfg.epochs  # a resumed run aims at the epochs its own command asks for
             say(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}")
         elif env.is_main:
             out.mkdir(parents=True, exist_ok=True)
@@ -497,14 +507,14 @@ def train(
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "best_model": best_state or {},
                 "config_key": config_key,
-                **{k: state[k] for k in ("epoch", "batch", "step", "best", "best_epoch", "bad_epochs", "history")},
+                **{k: state[k] for k in ("epoch", "batch", "step", "best", "best_epoch", "bad_epochs", "history", "epochs")},
                 "seconds": elapsed(),
             })
 
         status = "completed"
         stop = False
         last_plot = time.perf_counter()
-        while state["epoch"] < cfg.epochs and not stop:
+        while state["epoch"] < state["epochs"] and not stop:
             epoch = state["epoch"]
             rng = np.random.default_rng(_seed_for(cfg.seed, 0xE90C, epoch))
             n_draw = steps_per_epoch * global_batch
@@ -523,7 +533,7 @@ def train(
             if env.is_main and progress_bar:
                 from tqdm import tqdm
 
-                bar = tqdm(total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
+                bar = tqdm(total=steps_per_epoch, initial=state["batch"], desc=f"epoch {epoch + 1}/{state['epochs']}", unit="step",
                            file=sys.stderr, leave=False, mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
             for b in range(state["batch"], steps_per_epoch):
                 if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
@@ -595,7 +605,7 @@ def train(
             else:
                 state["bad_epochs"] += 1
             say(
-                f"epoch {epoch + 1}/{cfg.epochs}  step {state['step']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                f"epoch {epoch + 1}/{state['epochs']}  step {state['step']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
                 f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}"
                 f"{'  *best*' if improved else ''}  ({row['seconds']:.0f} s)"
             )
@@ -603,14 +613,23 @@ def train(
                 status = "early_stopped"
                 say(f"early stopping: validation {cfg.monitor} has not improved for {cfg.patience} epochs (best: epoch {state['best_epoch'] + 1})")
                 stop = True
+            if cfg.time_limit_s is not None and not stop and state["epoch"] < state["epochs"]:
+                fitted = broadcast_object(_epochs_within(state["history"], state["epoch"], state["epochs"], cfg.time_limit_s - elapsed()), env)
+                if fitted < state["epochs"]:
+                    say(f"time limit: {fitted} epochs instead of {state['epochs']} fit in the remaining "
+                        f"{max(0.0, cfg.time_limit_s - elapsed()):.0f} s; the learning-rate schedule now ends there")
+                    state["epochs"] = fitted
+                    total_steps = steps_per_epoch * fitted
             if env.is_main:
                 _write_history(out / "metrics.csv", state["history"])
                 # Plotting costs seconds: refresh the PNG every few minutes and at the end.
-                if stop or state["epoch"] >= cfg.epochs or time.perf_counter() - last_plot > PLOT_EVERY_S:
+                if stop or state["epoch"] >= state["epochs"] or time.perf_counter() - last_plot > PLOT_EVERY_S:
                     plot_curves(state["history"], out / "curves.png", model_config.display_name)
                     last_plot = time.perf_counter()
             save_resume_state()
 
+        if status == "completed" and state["epochs"] < cfg.epochs:
+            status = "time_limit"
         digests = all_gather_objects({"rank": env.rank, "params": _param_digest(model), "steps": state["step"]}, env)
         summary: dict[str, Any] = {
             "status": status,
@@ -648,6 +667,16 @@ def train(
                            state["history"], summary["seconds"], summary)
     finally:
         teardown(env)
+
+
+def _epochs_within(history: list[dict[str, Any]], done: int, planned: int, remaining_s: float) -> int:
+    """How many epochs in all fit when `remaining_s` is left after `done` of them, judged by the
+    slowest of the last three (validation included); at least `done`, at most `planned`."""
+    recent = [float(h["seconds"]) for h in history[-3:] if h.get("seconds")]
+    if not recent:
+        return planned
+    per_epoch = max(recent)
+    return int(min(planned, done + max(0, math.floor(max(0.0, remaining_s) / per_epoch))))
 
 
 def _short(summary: dict[str, Any]) -> dict[str, Any]:

@@ -56,6 +56,10 @@ def add_parser(subparsers) -> None:
     t.add_argument("--monitor", choices=("macro_f1", "accuracy", "loss"), default="macro_f1")
     t.add_argument("--min-delta", type=float, default=1e-4, help="smallest change of the monitor that counts as an improvement")
     t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resume later with --resume)")
+    t.add_argument("--time-limit", type=float, metavar="MINUTES",
+                   help="train at most this long (wall time of the training loop, earlier sessions of a resumed run "
+                        "included): after each epoch the epochs still to come are cut to those that fit, judged by the "
+                        "slowest recent epoch, and the learning-rate schedule is fitted to them; the test follows")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, type=Path, metavar="DIR")
@@ -118,6 +122,7 @@ def run(args) -> int:
         samples_per_epoch=args.samples_per_epoch, balance=args.balance, label_smoothing=args.label_smoothing,
         augment=None if args.no_augment else AugmentConfig(), amp=False if args.no_amp else None,
         patience=args.patience, monitor=args.monitor, min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
+        time_limit_s=None if args.time_limit is None else args.time_limit * 60.0,
     )
     init_from = _init_weights(args.init_weights, config) if args.init_weights and not args.resume else None
     full = _cache_for_rank(args, spec, reporter, rank)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one command: (1) the benchmark of the full DADRN50 and the demo model
+# (throughput, Grad-CAM ratios, end to end, CUDA memory) and (2) a demo model trained on the GPU
+# from phantoms generated on the spot, within a fixed deadline. Figures and weights land in $OUT.
+#
+# Environment: OUT (results), BUDGET_S (wall seconds for everything, default 540), PROCS (parallel
+# phantom generators, default: CPU count), CASES_PER_PROC (default 40), SEED0 (first phantom seed),
+# SIZE / WIDTH / BATCH / LR (model input side, backbone width, batch, peak learning rate),
+# DEVICE (default cuda), BENCH (0: skip part 1). Expects the SimpleITK, slicerio and pynrrd wheels
+# for the machine's Python in .whl/ where they are not installed (see docs/performance.md).
+set -uo pipefail
+T0=$(date +%s)
+OUT=${OUT:-/tmp/gpu-session}
+BUDGET_S=${BUDGET_S:-540}
+PROCS=${PROCS:-$(nproc)}
+CASES_PER_PROC=${CASES_PER_PROC:-40}
+SEED0=${SEED0:-101}
+SIZE=${SIZE:-224}
+WIDTH=${WIDTH:-0.5}
+BATCH=${BATCH:-128}
+LR=${LR:-0.003}
+DEVICE=${DEVICE:-cuda}
+BENCH=${BENCH:-1}
+WORK=${WORK:-/tmp/gpu-work}
+mkdir -p "$OUT" "$WORK/logs"
+left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
+log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$WORK/logs/session.txt"; }
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/DADRNLesion${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+DADRN=(python3 -m DADRNLesionLib)
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  python3 -c "import torch,sys,os; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cpus', os.cpu_count(), 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
+} | tee "$WORK/logs/machine.txt"
+
+# 1. Benchmark: both models, naive CAM, end to end on a 512x512x100 study with the phantom's liver
+#    mask, then the same study with the automatic liver mask; automatic batch size.
+if [ "$BENCH" = 1 ]; then
+  log "benchmark"
+  timeout 200 python3 -m DADRNLesionLib.bench --models dadrn50 demo --device "$DEVICE" --min-time 2 --slices 100 \
+      --json "$WORK/logs/bench_gpu.json" 2>&1 | tee "$WORK/logs/bench_gpu.txt"
+  timeout 100 python3 -m DADRNLesionLib.bench --models dadrn50 --device "$DEVICE" --no-naive --min-time 1 --slices 100 \
+      --auto-liver --json "$WORK/logs/bench_gpu_auto_liver.json" 2>&1 | tee "$WORK/logs/bench_gpu_auto_liver.txt"
+fi
+
+# 2. Training data: PROCS generators of CASES_PER_PROC phantoms each (own seeds), each cached at SIZE
+#    right after it is written, then one merged cache.
+[ "$BENCH" = 1 ] && timeout 90 python3 -m pytest -q -p no:cacheprovider Testing/test_gpu.py 2>&1 | tail -3
+log "phantoms: $PROCS x $CASES_PER_PROC cases"
+for i in $(seq 0 $((PROCS - 1))); do
+  ( "${DADRN[@]}" dataset phantoms --out "$WORK/data/p$i" --cases "$CASES_PER_PROC" --seed $((SEED0 + i)) --quiet \
+    && "${DADRN[@]}" dataset cache --data "$WORK/data/p$i/cases.csv" --cache "$WORK/cache/p$i" --input-size "$SIZE" --quiet
+  ) >"$WORK/logs/data_p$i.txt" 2>&1 &
+done
+wait
+parts=()
+for i in $(seq 0 $((PROCS - 1))); do [ -f "$WORK/cache/p$i/cache.json" ] && parts+=("$WORK/cache/p$i"); done
+log "caches ready: ${#parts[@]} of $PROCS"
+[ ${#parts[@]} -gt 0 ] || { tail -5 "$WORK"/logs/data_p*.txt; exit 1; }
+"${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt"
+rm -rf "${parts[@]}" "$WORK/data"
+
+# 3. Train DADRN-A (sigmoid, sum fusion) on DRN-D-22 x WIDTH at SIZE px until the deadline, keeping
+#    60 s for the test evaluation and packing; the time limit fits the epochs and the schedule.
+MINUTES=$(python3 -c "print(max(0.5, ($(left) - 60) / 60))")
+log "training for at most $MINUTES min"
+INTENDED="Demonstration of the DADRNLesion software only; trained on synthetic phantoms; not for diagnosis or any clinical use."
+"${DADRN[@]}" train --cache "$WORK/cache/all" --input-size "$SIZE" --normal-per-case 12 --split-seed 0 \
+    --model dadrn50-a --backbone drn_d_22 --width "$WIDTH" --dropout 0.1 --batch-size "$BATCH" --lr "$LR" \
+    --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \
+    --time-limit "$MINUTES" --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
+    --out "$WORK/train" >"$WORK/logs/train.txt" 2>&1
+log "training exit $?"
+grep -E "^epoch " "$WORK/logs/train.txt" | tail -4; tail -22 "$WORK/logs/train.txt"
+
+# 4. Back: weights and card as files, everything else in one archive.
+cp "$WORK/train/best.safetensors" "$WORK/train/best.json" "$OUT/" 2>/dev/null
+cp "$WORK/logs/bench_gpu.json" "$OUT/" 2>/dev/null
+tar -czf "$OUT/results.tgz" -C "$WORK" logs $(cd "$WORK" && ls -d train/metrics.csv train/curves.png train/summary.json \
+    train/split.csv train/train_config.json train/test 2>/dev/null)
+log "done"
