@@ -58,6 +58,8 @@ done
 wait
 parts=()
 for i in $(seq 0 $((PROCS - 1))); do [ -f "$WORK/cache/p$i/cache.json" ] && parts+=("$WORK/cache/p$i"); done
+# A warm machine keeps the last run's merged cache: its cases join this run's.
+[ -f "$WORK/cache/all/cache.json" ] && mv "$WORK/cache/all" "$WORK/cache/previous" && parts+=("$WORK/cache/previous")
 log "caches ready: ${#parts[@]} of $PROCS"
 [ ${#parts[@]} -gt 0 ] || { tail -5 "$WORK"/logs/data_p*.txt; exit 1; }
 "${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt"
