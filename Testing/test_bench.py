@@ -69,4 +69,17 @@ def test_command_writes_the_documented_json(tmp_path, capsys):
                 "end_to_end_s", "non_network_fraction", "peak_rss_mb"):
         assert key in m, key
     assert data["device"] == "cpu" and "torch" in data["versions"]
+    assert m["end_to_end_runs_s"] == [round(m["end_to_end_s"], 3)]  # one run on the CPU by default
     assert "fwd+CAM/s" in capsys.readouterr().out
+
+
+def test_repeated_end_to_end_reports_the_first_study_apart(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    main(["--models", "tiny", "--device", "cpu", "--min-time", "0.02", "--no-naive", "--matrix", "96", "--slices", "24",
+          "--e2e-runs", "2", "--json", str(path)])
+    m = json.loads(path.read_text())["models"]["tiny"]
+    assert len(m["end_to_end_runs_s"]) == 2
+    assert m["end_to_end_runs_s"] == [round(m["end_to_end_first_s"], 3), round(m["end_to_end_s"], 3)]
+    assert set(m["stages_first_s"]) == set(m["stages_s"])
+    out = capsys.readouterr().out
+    assert "first study in the process" in out and "next study" in out

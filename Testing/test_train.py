@@ -122,11 +122,13 @@ def test_early_stopping_triggers_after_patience_epochs_without_improvement(tmp_p
 def test_epochs_within_a_time_limit_follow_the_slowest_recent_epoch():
     from DADRNLesionLib.train import _epochs_within
 
-    history = [{"seconds": 10.0}, {"seconds": 12.0}, {"seconds": 11.0}]
-    assert _epochs_within(history, 3, 30, 100.0) == 3 + 8  # 100 s / 12 s per epoch
-    assert _epochs_within(history, 3, 5, 100.0) == 5  # never more than asked
-    assert _epochs_within(history, 3, 30, -5.0) == 3  # past the limit: stop where it is
+    history = [{"seconds": 40.0}, {"seconds": 10.0}, {"seconds": 12.0}, {"seconds": 11.0}]
+    assert _epochs_within(history, 4, 30, 100.0) == 4 + 8  # 100 s / 12 s, the slow first epoch left out
+    assert _epochs_within(history, 4, 5, 100.0) == 5  # never more than asked
+    assert _epochs_within(history, 4, 30, -5.0) == 4  # past the limit: stop where it is
     assert _epochs_within([], 0, 30, 1.0) == 30  # nothing measured yet
+    assert _epochs_within(history[:1], 1, 30, 100.0) == 30  # one epoch: no cut yet while another fits
+    assert _epochs_within(history[:1], 1, 30, 30.0) == 1
 
 
 def test_a_time_limit_cuts_the_epochs_and_still_tests_the_best(tmp_path):

@@ -6,7 +6,7 @@
 # Environment: OUT (results), BUDGET_S (wall seconds for everything, default 540), PROCS (parallel
 # phantom generators, default: CPU count), CASES_PER_PROC (default 40), SEED0 (first phantom seed),
 # SIZE / WIDTH / BATCH / LR (model input side, backbone width, batch, peak learning rate),
-# DEVICE (default cuda), BENCH (0: skip part 1). Expects the SimpleITK, slicerio and pynrrd wheels
+# DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2). Expects the SimpleITK, slicerio and pynrrd wheels
 # for the machine's Python in .whl/ where they are not installed (see docs/performance.md).
 set -uo pipefail
 T0=$(date +%s)
@@ -21,6 +21,7 @@ BATCH=${BATCH:-128}
 LR=${LR:-0.003}
 DEVICE=${DEVICE:-cuda}
 BENCH=${BENCH:-1}
+TRAIN=${TRAIN:-1}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
@@ -49,6 +50,7 @@ fi
 # 2. Training data: PROCS generators of CASES_PER_PROC phantoms each (own seeds), each cached at SIZE
 #    right after it is written, then one merged cache.
 [ "$BENCH" = 1 ] && timeout 90 python3 -m pytest -q -p no:cacheprovider Testing/test_gpu.py 2>&1 | tail -3
+if [ "$TRAIN" != 1 ]; then cp "$WORK"/logs/bench_gpu*.json "$OUT/"; log "done"; exit 0; fi
 log "phantoms: $PROCS x $CASES_PER_PROC cases"
 for i in $(seq 0 $((PROCS - 1))); do
   ( "${DADRN[@]}" dataset phantoms --out "$WORK/data/p$i" --cases "$CASES_PER_PROC" --seed $((SEED0 + i)) --quiet \

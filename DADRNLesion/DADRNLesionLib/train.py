@@ -671,11 +671,16 @@ def train(
 
 def _epochs_within(history: list[dict[str, Any]], done: int, planned: int, remaining_s: float) -> int:
     """How many epochs in all fit when `remaining_s` is left after `done` of them, judged by the
-    slowest of the last three (validation included); at least `done`, at most `planned`."""
-    recent = [float(h["seconds"]) for h in history[-3:] if h.get("seconds")]
-    if not recent:
+    slowest of the last three (validation included); at least `done`, at most `planned`.
+
+    The first epoch of a run carries one-off costs (kernel selection, page cache), so it only
+    decides alone whether another epoch fits at all; the cut itself waits for a second epoch."""
+    timed = [float(h["seconds"]) for h in history if h.get("seconds")]
+    if not timed:
         return planned
-    per_epoch = max(recent)
+    if len(timed) == 1:
+        return planned if remaining_s >= timed[0] else done
+    per_epoch = max(timed[1:][-3:])
     return int(min(planned, done + max(0, math.floor(max(0.0, remaining_s) / per_epoch))))
 
 
