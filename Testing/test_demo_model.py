@@ -49,12 +49,17 @@ def test_a_changed_copy_of_the_demo_weights_is_refused(tmp_path):
         load_checkpoint(copy)
 
 
-@pytest.mark.xfail(strict=True, reason="known shortfall: the shipped demo model (accuracy 0.81, macro F1 0.57 on the "
-                   "slices of 174 held-out phantoms, see its card) does not yet reach the issue-8 bar; on these two fresh phantoms "
-                   "it gets the HCC slices of one and the normal slices and CAM peaks of the other wrong; this test turns red "
-                   "when a better model ships so the marker is removed")
+CYST_POINTING_SHORTFALL = pytest.mark.xfail(
+    strict=True,
+    reason="known shortfall: on this fresh phantom the shipped demo model (accuracy 0.87, macro F1 0.68, cyst pointing "
+           "game 0.66 on the slices of 207 held-out phantoms, see its card) classifies the three cyst slices and the "
+           "normal slices right, but its heatmap peaks lie 3-5 voxels (4-8 mm) from this 7-9 mm cyst, outside the "
+           "2-voxel margin: the peak sits on a 28 x 28 grid of about 7 mm over the liver box; this test turns red when "
+           "a better model ships so the marker is removed")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("lesion_class,seed", [("hcc", 910_001), ("cyst", 910_002)])
+@pytest.mark.parametrize("lesion_class,seed", [("hcc", 910_001), pytest.param("cyst", 910_002, marks=CYST_POINTING_SHORTFALL)])
 def test_demo_model_classifies_a_fresh_phantom(demo, lesion_class, seed):
     """A phantom never seen in training: most lesion slices get the right class, most normal slices stay normal."""
     from DADRNLesionLib.data import IGNORE, slice_labels
