@@ -139,6 +139,10 @@ def test_a_time_limit_cuts_the_epochs_and_still_tests_the_best(tmp_path):
     assert result.status == "time_limit" and result.epochs_run == 1
     card = json.loads((tmp_path / "cut" / "best.json").read_text())
     assert "test" in card["metrics"] and card["training"]["epochs_run"] == 1
+    # Resuming a run whose time is spent trains no further epoch.
+    again = train(cache, split, TINY, cfg, tmp_path / "cut", device="cpu", threads=1, resume=True, evaluate_test=False,
+                  log=quiet, progress_bar=False)
+    assert again.status == "time_limit" and again.epochs_run == 1 and again.steps == result.steps
     roomy = TrainConfig(epochs=2, batch_size=8, samples_per_epoch=8, patience=0, augment=None, time_limit_s=3600.0)
     result = train(cache, split, TINY, roomy, tmp_path / "roomy", device="cpu", threads=1, evaluate_test=False,
                    log=quiet, progress_bar=False)

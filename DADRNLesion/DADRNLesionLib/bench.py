@@ -239,9 +239,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         batch = args.batch_size or (8 if device.type == "cpu" else 128)
         entry = benchmark_model(loaded, device, batch, args.dtype, args.min_time, naive=not args.no_naive)
         if study is not None:
-            with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=classify_cudnn_benchmark):
+            throughput_cudnn_benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = classify_cudnn_benchmark
+            try:
                 runs = [end_to_end(loaded, study, work / f"out_{name}", str(device), args.batch_size, args.threads,
                                    liver_mask=None if args.auto_liver else mask) for _ in range(e2e_runs)]
+            finally:
+                torch.backends.cudnn.benchmark = throughput_cudnn_benchmark
             entry.update(runs[-1])
             entry["end_to_end_runs_s"] = [round(r["end_to_end_s"], 3) for r in runs]
             if len(runs) > 1:

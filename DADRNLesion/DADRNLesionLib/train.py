@@ -511,9 +511,23 @@ def train(
                 "seconds": elapsed(),
             })
 
+        def fit_to_time_limit(total: int) -> int:
+            """Cut the epochs still to come to those that fit in the time limit; the new total steps."""
+            if cfg.time_limit_s is None or state["epoch"] >= state["epochs"]:
+                return total
+            fitted = broadcast_object(_epochs_within(state["history"], state["epoch"], state["epochs"], cfg.time_limit_s - elapsed()), env)
+            if fitted >= state["epochs"]:
+                return total
+            say(f"time limit: {fitted} epochs instead of {state['epochs']} fit in the remaining "
+                f"{max(0.0, cfg.time_limit_s - elapsed()):.0f} s; the learning-rate schedule now ends there")
+            state["epochs"] = fitted
+            return steps_per_epoch * fitted
+
         status = "completed"
         stop = False
         last_plot = time.perf_counter()
+        if resume and state["batch"] == 0:
+            total_steps = fit_to_time_limit(total_steps)  # a resumed run may have used its time already
         while state["epoch"] < state["epochs"] and not stop:
             epoch = state["epoch"]
             rng = np.random.default_rng(_seed_for(cfg.seed, 0xE90C, epoch))
@@ -613,13 +627,8 @@ def train(
                 status = "early_stopped"
                 say(f"early stopping: validation {cfg.monitor} has not improved for {cfg.patience} epochs (best: epoch {state['best_epoch'] + 1})")
                 stop = True
-            if cfg.time_limit_s is not None and not stop and state["epoch"] < state["epochs"]:
-                fitted = broadcast_object(_epochs_within(state["history"], state["epoch"], state["epochs"], cfg.time_limit_s - elapsed()), env)
-                if fitted < state["epochs"]:
-                    say(f"time limit: {fitted} epochs instead of {state['epochs']} fit in the remaining "
-                        f"{max(0.0, cfg.time_limit_s - elapsed()):.0f} s; the learning-rate schedule now ends there")
-                    state["epochs"] = fitted
-                    total_steps = steps_per_epoch * fitted
+            if not stop:
+                total_steps = fit_to_time_limit(total_steps)
             if env.is_main:
                 _write_history(out / "metrics.csv", state["history"])
                 # Plotting costs seconds: refresh the PNG every few minutes and at the end.
