@@ -45,12 +45,12 @@ if [ "$BENCH" = 1 ]; then
       --json "$WORK/logs/bench_gpu.json" 2>&1 | tee "$WORK/logs/bench_gpu.txt"
   timeout 100 python3 -m DADRNLesionLib.bench --models dadrn50 --device "$DEVICE" --no-naive --min-time 1 --slices 100 \
       --auto-liver --json "$WORK/logs/bench_gpu_auto_liver.json" 2>&1 | tee "$WORK/logs/bench_gpu_auto_liver.txt"
+  timeout 90 python3 -m pytest -q -p no:cacheprovider Testing/test_gpu.py 2>&1 | tail -3
 fi
+if [ "$TRAIN" != 1 ]; then cp "$WORK"/logs/bench_gpu*.json "$OUT/" 2>/dev/null; log "done"; exit 0; fi
 
 # 2. Training data: PROCS generators of CASES_PER_PROC phantoms each (own seeds), each cached at SIZE
 #    right after it is written, then one merged cache.
-[ "$BENCH" = 1 ] && timeout 90 python3 -m pytest -q -p no:cacheprovider Testing/test_gpu.py 2>&1 | tail -3
-if [ "$TRAIN" != 1 ]; then cp "$WORK"/logs/bench_gpu*.json "$OUT/"; log "done"; exit 0; fi
 log "phantoms: $PROCS x $CASES_PER_PROC cases"
 for i in $(seq 0 $((PROCS - 1))); do
   ( "${DADRN[@]}" dataset phantoms --out "$WORK/data/p$i" --cases "$CASES_PER_PROC" --seed $((SEED0 + i)) --quiet \
@@ -76,7 +76,7 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on synthetic p
     --model dadrn50-a --backbone drn_d_22 --width "$WIDTH" --dropout 0.1 --batch-size "$BATCH" --lr "$LR" \
     --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \
     --time-limit "$MINUTES" --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
-    --out "$WORK/train" >"$WORK/logs/train.txt" 2>&1
+    --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
 log "training exit $?"
 grep -E "^epoch " "$WORK/logs/train.txt" | tail -4; tail -22 "$WORK/logs/train.txt"
 
