@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -210,17 +211,24 @@ def _models(names: list[str]) -> dict[str, LoadedModel]:
     return out
 
 
+@contextmanager
+def _cudnn_autotuned(device: torch.device) -> Iterator[None]:
+    """Throughput runs one batch shape over and over: let cuDNN pick its fastest kernels for it.
+    The end-to-end runs stay outside, under classify's own setting, to time what a user's run does."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from .pipeline import physical_cores, resolve_device
 
     device = resolve_device(args.device)
-    # Throughput runs one batch shape over and over: let cuDNN pick its fastest kernels for it. The
-    # end-to-end runs use classify's own setting, so that they time what a user's run does.
-    classify_cudnn_benchmark = torch.backends.cudnn.benchmark
     if device.type == "cpu":
         torch.set_num_threads(args.threads or physical_cores())
-    else:
-        torch.backends.cudnn.benchmark = True
     e2e_runs = args.e2e_runs or (2 if device.type == "cuda" else 1)
     results: dict[str, Any] = {
         "device": str(device),
@@ -237,15 +245,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         results["study"] = {"path": str(study), "size": [args.matrix, args.matrix, args.slices], "liver_slices": n_liver}
     for name, loaded in _models(args.models).items():
         batch = args.batch_size or (8 if device.type == "cpu" else 128)
-        entry = benchmark_model(loaded, device, batch, args.dtype, args.min_time, naive=not args.no_naive)
+        with _cudnn_autotuned(device):
+            entry = benchmark_model(loaded, device, batch, args.dtype, args.min_time, naive=not args.no_naive)
         if study is not None:
-            throughput_cudnn_benchmark = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = classify_cudnn_benchmark
-            try:
-                runs = [end_to_end(loaded, study, work / f"out_{name}", str(device), args.batch_size, args.threads,
-                                   liver_mask=None if args.auto_liver else mask) for _ in range(e2e_runs)]
-            finally:
-                torch.backends.cudnn.benchmark = throughput_cudnn_benchmark
+            runs = [end_to_end(loaded, study, work / f"out_{name}", str(device), args.batch_size, args.threads,
+                               liver_mask=None if args.auto_liver else mask) for _ in range(e2e_runs)]
             entry.update(runs[-1])
             entry["end_to_end_runs_s"] = [round(r["end_to_end_s"], 3) for r in runs]
             if len(runs) > 1:

@@ -664,8 +664,9 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams):
 
     The IVC in its groove, the upper pole of the right kidney, the gallbladder and the portal vein
     trunk at the hilum can be wrapped by liver in a slice, so slice-wise filling and the closing take
-    them in. A lesion ends within the liver; these continue outside it. The added voxels are opened by a ball of `passing_radius_mm` first: the IVC (about
-    2 cm across), the portal vein trunk (1.2-1.5 cm) and the kidney survive it, the hepatic veins and
+    them in. A lesion ends within the liver; these continue outside it. The added voxels are opened
+    by a ball of `passing_radius_mm` first: the IVC (about 2 cm across), the portal vein trunk
+    (1.2-1.5 cm) and the kidney survive it, the hepatic veins and
     the intrahepatic portal branches, which also reach outside the liver through the IVC or the
     trunk but belong to it, do not. Each remaining piece is followed outside the mask through tissue of
     its own density (geodesically, 3D); one that reaches `passing_mm` beyond the liver's surface is
