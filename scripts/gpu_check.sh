@@ -1,14 +1,10 @@
 #!/usr/bin/env bash
 # GPU check: CUDA inference, AMP, batch size, throughput, memory, end to end. One run, figures to $OUT.
-# Expects SimpleITK, slicerio and pynrrd wheels for the machine's Python in .whl/ (see docs/performance.md).
+# SimpleITK, slicerio and pynrrd come from .device-carry/site.tar.xz or .whl/ (scripts/device_site.sh).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD/DADRNLesion${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source scripts/device_site.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch,sys; print('python', sys.version.split()[0], 'torch', torch.__version__, torch.cuda.get_device_name(), 'bf16', torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
 # 1. correctness on the GPU: the model/CAM/pipeline tests that need no Slicer.

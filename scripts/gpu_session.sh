@@ -6,8 +6,11 @@
 # Environment: OUT (results), BUDGET_S (wall seconds for everything, default 540), PROCS (parallel
 # phantom generators, default: CPU count), CASES_PER_PROC (default 40), SEED0 (first phantom seed),
 # SIZE / WIDTH / BATCH / LR (model input side, backbone width, batch, peak learning rate),
-# DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2). Expects the SimpleITK, slicerio and pynrrd wheels
-# for the machine's Python in .whl/ where they are not installed (see docs/performance.md).
+# DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2), REAL (a folder of real
+# cases to paint lesions into, default .device-carry/real; empty: phantoms only), REAL_ROUNDS
+# (lesion draws per real scan and class, default 6), REAL_HOLDOUT (real scans kept for the test
+# split, default ts_native_sm). SimpleITK, slicerio and pynrrd come from .device-carry/site.tar.xz
+# or the wheels in .whl/ (scripts/device_site.sh; pack with scripts/pack_device_carry.sh).
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu-session}
@@ -22,16 +25,15 @@ LR=${LR:-0.003}
 DEVICE=${DEVICE:-cuda}
 BENCH=${BENCH:-1}
 TRAIN=${TRAIN:-1}
+REAL=${REAL-.device-carry/real}
+REAL_ROUNDS=${REAL_ROUNDS:-6}
+REAL_HOLDOUT=${REAL_HOLDOUT:-ts_native_sm}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$WORK/logs/session.txt"; }
 
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONPATH=$PWD/DADRNLesion${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source scripts/device_site.sh || exit 1
 DADRN=(python3 -m DADRNLesionLib)
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
   python3 -c "import torch,sys,os; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cpus', os.cpu_count(), 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())"
@@ -57,12 +59,22 @@ for i in $(seq 0 $((PROCS - 1))); do
     && "${DADRN[@]}" dataset cache --data "$WORK/data/p$i/cases.csv" --cache "$WORK/cache/p$i" --input-size "$SIZE" --quiet
   ) >"$WORK/logs/data_p$i.txt" 2>&1 &
 done
+# The real scans with lesions painted in (their own patients for the split; REAL_HOLDOUT's cases
+# go to the test split only), generated beside the phantoms.
+if [ -n "$REAL" ] && [ -d "$REAL" ]; then
+  log "real backgrounds: $REAL, $REAL_ROUNDS rounds, held out: $REAL_HOLDOUT"
+  ( "${DADRN[@]}" dataset phantoms --out "$WORK/data/real" --cases 0 --seed 31 --real-background "$REAL" \
+        --real-rounds "$REAL_ROUNDS" --real-holdout $REAL_HOLDOUT --quiet \
+    && "${DADRN[@]}" dataset cache --data "$WORK/data/real/cases.csv" --cache "$WORK/cache/real" --input-size "$SIZE" --quiet
+  ) >"$WORK/logs/data_real.txt" 2>&1 &
+fi
 wait
 parts=()
 for i in $(seq 0 $((PROCS - 1))); do [ -f "$WORK/cache/p$i/cache.json" ] && parts+=("$WORK/cache/p$i"); done
+[ -f "$WORK/cache/real/cache.json" ] && parts+=("$WORK/cache/real")
 # A warm machine keeps the last run's merged cache: its cases join this run's.
 [ -f "$WORK/cache/all/cache.json" ] && mv "$WORK/cache/all" "$WORK/cache/previous" && parts+=("$WORK/cache/previous")
-log "caches ready: ${#parts[@]} of $PROCS"
+log "caches ready: ${#parts[@]} (phantom generators: $PROCS)"
 [ ${#parts[@]} -gt 0 ] || { tail -5 "$WORK"/logs/data_p*.txt; exit 1; }
 "${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt"
 rm -rf "${parts[@]}" "$WORK/data"
