@@ -15,7 +15,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for w in .whl/*.whl; do python3 -m zipfile -e "$w" "$tmp/site"; done
 XZ_OPT=${XZ_OPT:--6 -T0} tar -cJf "$DEST/site.tar.xz" -C "$tmp/site" .
-chmod -R u+w "$DEST/real" 2>/dev/null; rm -rf "$DEST/real"
+if [ -d "$DEST/real" ]; then chmod -R u+w "$DEST/real" && rm -rf "$DEST/real"; fi  # a copy of read-only data
 if [ -d "$REAL" ]; then cp -r "$REAL" "$DEST/real" && chmod -R u+w "$DEST/real"; else echo "(no real cases at $REAL: training will use phantoms only)"; fi
 tree=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 carry=$(du -sb "$DEST" | cut -f1)

@@ -1,0 +1,79 @@
+"""The scripts that prepare a lent GPU machine: packing the packages it lacks and unpacking them there.
+
+Run on a scratch copy of the repository layout with a small wheel of our own, so the test needs
+neither the real wheels nor a GPU.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("git") is None or shutil.which("xz") is None,
+    reason="needs bash, git and xz",
+)
+
+
+def _scratch_repo(root: Path) -> Path:
+    (root / "scripts").mkdir(parents=True)
+    for name in ("pack_device_carry.sh", "device_site.sh"):
+        shutil.copy2(REPO / "scripts" / name, root / "scripts" / name)
+    (root / "tracked.txt").write_text("part of the tree\n")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    subprocess.run(["git", "add", "tracked.txt", "scripts"], cwd=root, check=True)
+    wheels = root / ".whl"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "probe_pkg-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("probe_pkg/__init__.py", "VALUE = 7\n")
+        z.writestr("probe_pkg-1.0.dist-info/METADATA", "Name: probe_pkg\nVersion: 1.0\n")
+    return root
+
+
+def test_packed_packages_and_real_cases_travel_and_import(tmp_path):
+    repo = _scratch_repo(tmp_path / "repo")
+    real = tmp_path / "real"
+    (real / "case_a").mkdir(parents=True)
+    (real / "case_a" / "ct.nii.gz").write_bytes(b"not really a scan")
+    (real / "case_a" / "ct.nii.gz").chmod(0o444)  # the shared data is read-only
+
+    env = {"PATH": "/usr/bin:/bin", "REAL": str(real), "HOME": str(tmp_path)}
+    out = subprocess.run(["bash", "scripts/pack_device_carry.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "of 64 MiB" in out.stdout
+    with tarfile.open(repo / ".device-carry" / "site.tar.xz") as tar:
+        assert "./probe_pkg/__init__.py" in tar.getnames()
+    assert (repo / ".device-carry" / "real" / "case_a" / "ct.nii.gz").read_bytes() == b"not really a scan"
+
+    # packing again replaces the read-only copy instead of failing on it
+    again = subprocess.run(["bash", "scripts/pack_device_carry.sh"], cwd=repo, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+
+    # on the machine: the archive is unpacked into SITE and importable, the engine is on the path too
+    site = tmp_path / "site"
+    probe = (
+        f"source scripts/device_site.sh && {sys.executable} -c "
+        "'import os, probe_pkg; print(probe_pkg.VALUE, os.environ[\"PYTHONPATH\"])'"
+    )
+    run = subprocess.run(["bash", "-c", probe], cwd=repo, env={**env, "SITE": str(site)}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    value, path = run.stdout.split()
+    assert value == "7"
+    assert path.split(":")[0] == str(repo / "DADRNLesion") and str(site) in path.split(":")
+
+
+def test_packing_refuses_without_wheels(tmp_path):
+    repo = _scratch_repo(tmp_path / "repo")
+    shutil.rmtree(repo / ".whl")
+    out = subprocess.run(["bash", "scripts/pack_device_carry.sh"], cwd=repo, env={"PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "no wheels in .whl/" in out.stderr and "pip download" in out.stderr
