@@ -370,7 +370,11 @@ def test_load_result_dir_reads_what_the_engine_writes(scene, result, tmp_path):
         pytest.skip(f"outputs.write_results needs a full pipeline report here ({exc})")
     loaded = S.load_result_dir(tmp_path / "out")
     assert loaded.labelmap.same_geometry(ct) and np.array_equal(loaded.labelmap.array, pr.labelmap.array)
-    assert loaded.heatmap.array.dtype == np.float32 and np.allclose(loaded.heatmap.array, pr.heatmap.array)
+    # the file keeps the heatmap to 1/HEATMAP_STEPS: within half a step of what the pipeline computed
+    step = 1.0 / outputs.HEATMAP_STEPS
+    assert loaded.heatmap.array.dtype == np.float32
+    assert np.abs(loaded.heatmap.array - pr.heatmap.array).max() <= 0.5 * step + 1e-6
+    assert loaded.heatmap.array.max() > 0.5, "a lesion slice's heatmap reaches 1 after per-slice normalisation"
     assert np.array_equal(loaded.liver.array, (pr.labelmap.array > 0).astype(np.uint8))
     assert [s.slice_index for s in loaded.slices] == [s.slice_index for s in pr.slices]
     assert [s.predicted_class for s in loaded.slices] == [s.predicted_class for s in pr.slices]
