@@ -13,6 +13,7 @@ import gzip
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -478,13 +479,19 @@ def read_volume(path: PathLike, *, series_uid: Optional[str] = None, notes: Opti
         reader, info = _file_info(path)
         _check_shape(path, info, what)
         check_fits(info.size[:3], info.itemsize * info.components, stage=memory_for, what=str(path))
-        problem = _data_problem(path)
+        # The integrity check inflates the file a second time: it runs beside the reader (both
+        # release the GIL), and its verdict decides before the image is used.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            checked = pool.submit(_data_problem, path)
+            try:
+                image, failure = reader.Execute(), None
+            except RuntimeError as exc:
+                image, failure = None, exc
+            problem = checked.result()
         if problem:
             raise UserInputError(f"{path} is incomplete or corrupt: {problem}; copy or export it again")
-        try:
-            image = reader.Execute()
-        except RuntimeError as exc:
-            raise _cannot_read(path, exc) from None
+        if failure is not None:
+            raise _cannot_read(path, failure) from None
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     _check_shape(path, ImageInfo(tuple(image.GetSize()), 1, image.GetNumberOfComponentsPerPixel()), what)
