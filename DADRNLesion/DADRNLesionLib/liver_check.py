@@ -55,7 +55,11 @@ def check_liver_mask(mask: Volume, ct: Volume | None = None) -> dict:
         warnings.append("the liver mask is empty")
         return out
 
-    lab, ncomp = ndi.label(m, structure=np.ones((3, 3, 3), bool))
+    # the work is done on the mask's bounding box: the same components, a fraction of the voxels
+    box = tuple(slice(int(np.flatnonzero(a)[0]), int(np.flatnonzero(a)[-1]) + 1)
+                for a in (m.any(axis=(1, 2)), m.any(axis=(0, 2)), m.any(axis=(0, 1))))
+    mb = m[box]
+    lab, ncomp = ndi.label(mb, structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(lab.ravel())[1:]
     out["components"] = int(ncomp)
     out["largest_component_fraction"] = float(round(sizes.max() / n, 4))
@@ -66,14 +70,14 @@ def check_liver_mask(mask: Volume, ct: Volume | None = None) -> dict:
     touches = bool(first or last)
     out["touches_volume_edge"] = touches
 
-    # side: centroid of the mask vs body (or field of view) centre, in LPS x
-    idx = np.argwhere(m)
-    if idx.shape[0] > 200_000:
-        idx = idx[:: idx.shape[0] // 200_000 + 1]
-    cx = float(_lps_points(mask, idx)[:, 0].mean())
+    # side: centroid of the mask vs body (or field of view) centre, in LPS x; index to LPS is
+    # affine, so the centroid's position is the position of the mean index
+    mean_kji = [float(np.dot(np.arange(sl.start, sl.stop), mb.sum(axis=other))) / n
+                for sl, other in zip(box, ((1, 2), (0, 2), (0, 1)))]
+    cx = float(_lps_points(mask, np.array([mean_kji]))[0, 0])
     if ct is not None:
-        body = np.asarray(ct.array) > -400
-        bidx = np.argwhere(body[::2, ::4, ::4]) * np.array([2, 4, 4])
+        body = np.asarray(ct.array)[::2, ::4, ::4] > -400
+        bidx = np.argwhere(body) * np.array([2, 4, 4])
         centre_x = float(_lps_points(ct, bidx)[:, 0].mean()) if bidx.size else None
     else:
         centre_x = None
@@ -83,7 +87,7 @@ def check_liver_mask(mask: Volume, ct: Volume | None = None) -> dict:
     out["on_patient_right"] = bool(cx < centre_x)
 
     if ct is not None:
-        out["mean_hu"] = float(round(float(np.asarray(ct.array)[m].mean()), 1))
+        out["mean_hu"] = float(round(float(np.asarray(ct.array)[box][mb].mean()), 1))
 
     lo, hi = NORMAL_ADULT_ML
     if vol_ml < lo:

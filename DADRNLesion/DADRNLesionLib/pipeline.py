@@ -23,6 +23,7 @@ from . import __version__
 from .cam import GradCAM, normalise_per_slice
 from .classes import CLASS_NAMES, LABEL_BY_KEY, LESION_CLASSES, LIVER_VALUE, label_value_of_class
 from .errors import Cancelled, UserInputError, WeightsError
+from .liver_check import check_liver_mask
 from .orientation import to_axial_frame
 from .preprocess import liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
 from .results import PipelineResult, SliceResult
@@ -162,13 +163,19 @@ def _gpu_batch_size(loaded: LoadedModel, device: torch.device, amp_dtype: Option
     return int(max(1, min(MAX_GPU_BATCH, (free * 0.5) // per_slice)))
 
 
+def _more_than_two_values(a: np.ndarray) -> bool:
+    """Whether `a` holds more than two distinct values: three passes, not a sort of the volume."""
+    lo, hi = a.min(), a.max()
+    return bool(lo != hi and np.any((a != lo) & (a != hi)))
+
+
 def _check_liver(liver: Volume, ct: Volume, user_given: bool) -> Volume:
     ct.require_same_geometry(liver, "liver mask")
     a = liver.array
     if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
         raise UserInputError("the liver mask holds NaN or infinite values; save it as a label map")
-    values = np.unique(a)
-    if values.size > 2 and user_given:
+    if user_given and _more_than_two_values(a):
+        values = np.unique(a)
         raise UserInputError(
             f"the liver mask is not binary (values {', '.join(str(v) for v in values[:6])}{'…' if values.size > 6 else ''}): "
             "save the liver alone as 0/1"
@@ -268,16 +275,12 @@ def run_pipeline(
     liver_out = ct.with_array(frame.from_canonical(liver))
     heat_out = ct.with_array(frame.from_canonical(heat))
     labels_out = ct.with_array(frame.from_canonical(labels))
+    liver_check = check_liver_mask(liver_out, ct)
     timings["postprocess"] += time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     report = _report(ct, liver_out, results, loaded, device, amp_dtype, batch, options, timings, frame, liver_source, input_description)
-    try:
-        from .liver import check_liver_mask
-
-        report["liver_check"] = check_liver_mask(liver_out, ct)
-    except ImportError:
-        report["liver_check"] = {"warnings": []}
+    report["liver_check"] = liver_check
     return PipelineResult(liver_out, heat_out, labels_out, results, report)
 
 
