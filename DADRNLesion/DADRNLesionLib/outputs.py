@@ -148,8 +148,7 @@ def write_results(result: PipelineResult, out_dir, *, ct: Optional[Volume] = Non
         with ThreadPoolExecutor(max_workers=3) as pool:
             volumes = [
                 pool.submit(write_volume, result.labelmap.with_array(result.labelmap.array.astype(np.uint8)), staging / "labelmap.nii.gz"),
-                pool.submit(write_volume, result.heatmap.with_array(_stored_heatmap(result.heatmap.array)), staging / "heatmap.nii.gz",
-                            compression_level=1),
+                pool.submit(_write_heatmap, result.heatmap, staging / "heatmap.nii.gz"),
                 pool.submit(write_seg_nrrd, result.labelmap, staging / "lesions.seg.nrrd"),
             ]
             write_colour_table(staging / "labelmap.csv")
@@ -173,6 +172,10 @@ def write_results(result: PipelineResult, out_dir, *, ct: Optional[Volume] = Non
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_heatmap(heatmap: Volume, path: Path) -> Path:
+    return write_volume(heatmap.with_array(_stored_heatmap(heatmap.array)), path, compression_level=1)
 
 
 def _stored_heatmap(heatmap: np.ndarray) -> np.ndarray:
