@@ -9,7 +9,8 @@
 # DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2), REAL (a folder of real
 # cases to paint lesions into, default .device-carry/real; empty: phantoms only), REAL_ROUNDS
 # (lesion draws per real scan and class, default 6), REAL_HOLDOUT (real scans kept for the test
-# split, default ts_native_sm). SimpleITK, slicerio and pynrrd come from .device-carry/site.tar.xz
+# split, default ts_native_sm), INIT (weights to start from, e.g. the shipped model, with new SEED0
+# so that every test case is new to both runs; default: from scratch). SimpleITK, slicerio and pynrrd come from .device-carry/site.tar.xz
 # or the wheels in .whl/ (scripts/device_site.sh; pack with scripts/pack_device_carry.sh).
 set -uo pipefail
 T0=$(date +%s)
@@ -28,6 +29,7 @@ TRAIN=${TRAIN:-1}
 REAL=${REAL-.device-carry/real}
 REAL_ROUNDS=${REAL_ROUNDS:-6}
 REAL_HOLDOUT=${REAL_HOLDOUT:-ts_native_sm}
+INIT=${INIT:-}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
@@ -86,7 +88,7 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on synthetic p
     --model dadrn50-a --backbone drn_d_22 --width "$WIDTH" --dropout 0.1 --batch-size "$BATCH" --lr "$LR" \
     --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \
     --time-limit "$MINUTES" --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
-    --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
+    ${INIT:+--init-weights "$INIT"} --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
 log "training exit $?"
 grep -E "^epoch " "$WORK/logs/train.txt" | tail -4; tail -22 "$WORK/logs/train.txt"
 
