@@ -10,8 +10,9 @@
 # cases to paint lesions into, default .device-carry/real; empty: phantoms only), REAL_ROUNDS
 # (lesion draws per real scan and class, default 6), REAL_HOLDOUT (real scans kept for the test
 # split, default ts_native_sm), INIT (weights to start from, e.g. the shipped model, with new SEED0
-# so that every test case is new to both runs; default: from scratch). SimpleITK, slicerio and pynrrd come from .device-carry/site.tar.xz
-# or the wheels in .whl/ (scripts/device_site.sh; pack with scripts/pack_device_carry.sh).
+# so that every test case is new to both runs; default: from scratch). SimpleITK, slicerio and
+# pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
+# with scripts/pack_device_carry.sh).
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu-session}
@@ -62,8 +63,9 @@ for i in $(seq 0 $((PROCS - 1))); do
       --input-size "$SIZE" --quiet >"$WORK/logs/data_p$i.txt" 2>&1 &
 done
 # The real scans with lesions painted in (their own patients for the split; REAL_HOLDOUT's cases
-# go to the test split only), generated beside the phantoms.
-if [ -n "$REAL" ] && [ -d "$REAL" ]; then
+# go to the test split only), generated beside the phantoms; a warm machine's previous cache
+# already holds them (their case ids do not depend on the seed).
+if [ -n "$REAL" ] && [ -d "$REAL" ] && [ ! -f "$WORK/cache/all/cache.json" ]; then
   log "real backgrounds: $REAL, $REAL_ROUNDS rounds, held out: $REAL_HOLDOUT"
   "${DADRN[@]}" dataset cache --phantoms 0 --phantom-seed 31 --real-background "$REAL" --real-rounds "$REAL_ROUNDS" \
       --real-holdout $REAL_HOLDOUT --cache "$WORK/cache/real" --input-size "$SIZE" --quiet >"$WORK/logs/data_real.txt" 2>&1 &
