@@ -30,6 +30,15 @@ def _lps_points(vol: Volume, kji: np.ndarray) -> np.ndarray:
     return ijk @ m[:3, :3].T + m[:3, 3]
 
 
+def _bounding_box(m: np.ndarray) -> tuple[slice, slice, slice]:
+    """Slices of the smallest box holding every True voxel of a non-empty 3D mask."""
+    box = []
+    for other in ((1, 2), (0, 2), (0, 1)):
+        hit = np.flatnonzero(m.any(axis=other))
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def check_liver_mask(mask: Volume, ct: Volume | None = None) -> dict:
     """Volume, connectedness, side and intensity of a liver mask, with warnings where implausible.
 
@@ -56,8 +65,7 @@ def check_liver_mask(mask: Volume, ct: Volume | None = None) -> dict:
         return out
 
     # the work is done on the mask's bounding box: the same components, a fraction of the voxels
-    box = tuple(slice(int(np.flatnonzero(a)[0]), int(np.flatnonzero(a)[-1]) + 1)
-                for a in (m.any(axis=(1, 2)), m.any(axis=(0, 2)), m.any(axis=(0, 1))))
+    box = _bounding_box(m)
     mb = m[box]
     lab, ncomp = ndi.label(mb, structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(lab.ravel())[1:]
