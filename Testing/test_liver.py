@@ -281,3 +281,41 @@ def test_a_vessel_passing_by_is_dropped_but_a_lesion_and_thin_veins_are_kept():
     from dataclasses import replace
 
     assert np.array_equal(_drop_passing_structures(liver, core, s, replace(LiverParams(), passing_mm=0.0)), liver)
+
+
+@pytest.mark.parametrize("op", ["erode", "dilate"])
+def test_ball_operations_on_the_mask_box_equal_the_whole_array_ones(op):
+    """The box is only a speed-up: blobs inside, at the array's faces and at its corners give the same voxels."""
+    from scipy import ndimage
+
+    from DADRNLesionLib.liver import _ball_ops, _ball_steps
+
+    rng = np.random.default_rng(3)
+    spacing = (2.5, 1.6, 1.6)
+    for trial in range(6):
+        mask = ndimage.gaussian_filter(rng.random((24, 40, 36)), 2.0) > 0.52
+        if trial % 3 == 1:
+            mask[:, :5] = True  # touching the array's faces: erosion treats the outside as inside there
+        if trial % 3 == 2:
+            mask[:] = False
+            mask[10:14, 15:25, 12:20] = True  # far from every face: the box is much smaller than the array
+        n_xy, n_z = int(round(6.0 / 1.6)), int(round(6.0 / 2.5))
+        whole = _ball_steps(mask, n_xy, n_z, op)
+        assert np.array_equal(_ball_ops(mask, 6.0, spacing, op), whole), (op, trial)
+        assert whole.sum() != mask.sum()  # the operation did something
+
+
+def test_inplane_depth_equals_a_3d_transform_with_infinite_z_spacing():
+    from scipy import ndimage
+
+    from DADRNLesionLib.liver import _inplane_distance
+
+    rng = np.random.default_rng(5)
+    inside = ndimage.gaussian_filter(rng.random((6, 50, 40)), 1.5) > 0.47
+    assert 0.1 < inside.mean() < 0.95
+    inside[2] = True  # a slice with no outside voxel: deep everywhere
+    got = _inplane_distance(inside, (0.8, 0.9))
+    ref = ndimage.distance_transform_edt(inside, sampling=(1e6, 0.8, 0.9))
+    other = [k for k in range(6) if k != 2]
+    np.testing.assert_allclose(got[other], ref[other].astype(np.float32), rtol=1e-6)
+    assert np.isinf(got[2]).all() and (ref[2] > 1e5).all()
