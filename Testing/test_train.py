@@ -205,6 +205,9 @@ def test_cli_fine_tunes_from_verified_weights_and_refuses_another_architecture(t
             assert torch.allclose(v, start[k], atol=1e-6), k
     origin = tuned.card.training["initialised_from"]
     assert origin["sha256"] == load_checkpoint(base).card.sha256 and origin["steps"] == 2
+    # The parent's data travel with it, so the tuned card still tells the whole training.
+    assert origin["data"] == load_checkpoint(base).card.training["data"]
+    assert sum(origin["split_cases"].values()) > 0
     # Without --init-weights the same seed-2 run starts elsewhere (the check above is not vacuous).
     assert _cli(common() + ["--out", str(tmp_path / "fresh"), "--seed", "2", "--lr", "1e-9"]) == 0
     fresh = load_checkpoint(tmp_path / "fresh" / "best.safetensors").model.state_dict()

@@ -88,7 +88,9 @@ rm -rf "${parts[@]}"
 RESERVE_S=$([ -n "$INIT" ] && echo 90 || echo 60)
 MINUTES=$(python3 -c "print(max(0.5, ($(left) - $RESERVE_S) / 60))")
 log "training for at most $MINUTES min"
-INTENDED="Demonstration of the DADRNLesion software only; trained on synthetic phantoms; not for diagnosis or any clinical use."
+SOURCES="synthetic phantoms"
+grep -q '"real_background": "\|"real": "' "$WORK/cache/all/cache.json" 2>/dev/null && SOURCES="synthetic phantoms and on synthetic lesions painted into public CT scans"
+INTENDED="Demonstration of the DADRNLesion software only; trained on $SOURCES; not for diagnosis or any clinical use."
 "${DADRN[@]}" train --cache "$WORK/cache/all" --input-size "$SIZE" --normal-per-case 12 --split-seed 0 \
     --model dadrn50-a --backbone drn_d_22 --width "$WIDTH" --dropout 0.1 --batch-size "$BATCH" --lr "$LR" \
     --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \

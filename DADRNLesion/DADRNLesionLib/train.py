@@ -345,8 +345,14 @@ def _case_counts(cache: SliceCache, split: dict[str, str]) -> dict[str, Any]:
 def _provenance(init_from: Any) -> dict[str, Any]:
     """What a fine-tuned model started from, so that its card tells its whole training."""
     card = init_from.card
+    t = card.training
+    split = {name: part.get("cases") for name, part in (t.get("split") or {}).items() if isinstance(part, dict)}
+    # The parent's own data and origin travel along: its file may be replaced by the new model.
+    kept = {"data": t.get("data"), "split_seed": t.get("split_seed"), "split_cases": split or None,
+            "initialised_from": t.get("initialised_from")}
     return {"model_id": card.model_id, "sha256": card.sha256, "path": str(init_from.path),
-            "steps": card.training.get("steps"), "command": card.training.get("command")}
+            "steps": t.get("steps"), "command": t.get("command"),
+            **{k: v for k, v in kept.items() if v is not None}}
 
 
 # --------------------------------------------------------------------------------------------
