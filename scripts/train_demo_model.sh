@@ -26,7 +26,9 @@ REAL=${REAL:-../shared/data/real}
 TRAIN_LIMIT=(--epochs 200 --time-limit 2.9)
 [ -n "${EPOCHS:-}" ] && TRAIN_LIMIT=(--epochs "$EPOCHS")
 
-# 1. Data: one generator + cache per seed, PROCS at a time.
+# 1. Data: one generator + cache per seed, PROCS at a time, one thread each (PROCS processes with
+#    torch's default of a thread per core would oversubscribe the cores).
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 make_part() {  # seed cases
   dadrn-lesion dataset phantoms --out "$WORK/data/s$1" --cases "$2" --seed "$1" --quiet
   dadrn-lesion dataset cache --data "$WORK/data/s$1/cases.csv" --cache "$WORK/cache/s$1" --input-size 224 --quiet
@@ -38,6 +40,7 @@ for spec in $(for s in $(seq 101 116); do echo "$s:40"; done; for s in $(seq 201
   if [ "$jobs_in_flight" -ge "$PROCS" ]; then wait -n; jobs_in_flight=$((jobs_in_flight - 1)); fi
 done
 wait
+unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
 dadrn-lesion dataset cache --merge "$WORK"/cache/s* --cache "$WORK/cache/all" --input-size 224
 
 # 2. Stage 1: train, validate every epoch (macro F1 picks the best epoch), test the best on every labelled
@@ -48,7 +51,9 @@ dadrn-lesion train --cache "$WORK/cache/all" --input-size 224 --normal-per-case 
     --weight-decay 0.05 "${TRAIN_LIMIT[@]}" --samples-per-epoch 8192 --patience 0 --seed 0 \
     --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" --out "$WORK/train"
 
-# 3. Stage 2 data: each seed sliced into its cache in memory, and the painted-in real scans.
+# 3. Stage 2 data: each seed sliced into its cache in memory, and the painted-in real scans, one
+#    thread per generator again.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 cache_part() {  # seed cases
   dadrn-lesion dataset cache --phantoms "$2" --phantom-seed "$1" --cache "$WORK/cache2/s$1" --input-size 224 --quiet
 }
@@ -61,6 +66,7 @@ done
 dadrn-lesion dataset cache --phantoms 0 --phantom-seed 31 --real-background "$REAL" --real-rounds 6 \
     --real-holdout ts_native_sm --cache "$WORK/cache2/real" --input-size 224 --quiet
 wait
+unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
 dadrn-lesion dataset cache --merge "$WORK"/cache2/s* "$WORK/cache2/real" --cache "$WORK/cache2/all" --input-size 224
 
 # 4. Stage 2: fine-tune stage 1's best weights (the card records them under initialised_from).
