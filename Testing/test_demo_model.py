@@ -58,10 +58,11 @@ CYST_POINTING_SHORTFALL = pytest.mark.xfail(
            "test turns red when a better model ships so the marker is removed")
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("lesion_class,seed", [("hcc", 910_001), pytest.param("cyst", 910_002, marks=CYST_POINTING_SHORTFALL)])
-def test_demo_model_classifies_a_fresh_phantom(demo, lesion_class, seed):
-    """A phantom never seen in training: most lesion slices get the right class, most normal slices stay normal."""
+def _fresh_phantom_scores(demo, lesion_class, seed):
+    """Right/wrong per lesion slice and per normal slice, and whether each right lesion slice's heatmap peak
+    lies on the lesion (dilated 2 voxels), for a phantom never seen in training."""
+    from scipy import ndimage
+
     from DADRNLesionLib.data import IGNORE, slice_labels
     from DADRNLesionLib.phantom import generate_case
     from DADRNLesionLib.pipeline import PipelineOptions, run_pipeline
@@ -69,23 +70,45 @@ def test_demo_model_classifies_a_fresh_phantom(demo, lesion_class, seed):
     case = generate_case(seed, lesion_class, hard=False)
     res = run_pipeline(case.ct, liver_mask=case.liver, model=demo, options=PipelineOptions(device="cpu"))
     truth = slice_labels(case.lesion.array, case.liver.array, case.ct.spacing[:2])
-    predicted = {s.slice_index: s.predicted_class for s in res.slices}
-    target = CLASS_NAMES.index(lesion_class)
-    lesion_k = [k for k in np.flatnonzero(truth == target) if k in predicted]
-    normal_k = [k for k in np.flatnonzero(truth == 0) if k in predicted]
-    assert len(lesion_k) >= 3 and len(normal_k) >= 10
-    lesion_acc = np.mean([predicted[k] == lesion_class for k in lesion_k])
-    normal_acc = np.mean([predicted[k] == "normal" for k in normal_k])
-    assert lesion_acc >= 0.6, f"{lesion_class}: {lesion_acc:.2f} of {len(lesion_k)} lesion slices right"
-    assert normal_acc >= 0.8, f"normal: {normal_acc:.2f} of {len(normal_k)} slices right"
+    by_slice = {s.slice_index: s for s in res.slices}
+    lesion_k = [k for k in np.flatnonzero(truth == CLASS_NAMES.index(lesion_class)) if k in by_slice]
+    normal_k = [k for k in np.flatnonzero(truth == 0) if k in by_slice]
+    assert len(lesion_k) >= 3 and len(normal_k) >= 10, (lesion_class, seed)
     assert all(v != IGNORE for v in truth[lesion_k])
-    # The heatmap peak of a correctly classified lesion slice lies on or next to the lesion most of the time.
-    from scipy import ndimage
-
-    les = case.lesion.array > 0
+    lesion_right = [by_slice[k].predicted_class == lesion_class for k in lesion_k]
+    normal_right = [by_slice[k].predicted_class == "normal" for k in normal_k]
     near = []
-    for s in res.slices:
-        if s.slice_index in lesion_k and s.predicted_class == lesion_class:
-            i, j = s.cam_peak_ij
-            near.append(bool(ndimage.binary_dilation(les[s.slice_index], iterations=2)[j, i]))
+    for k, right in zip(lesion_k, lesion_right):
+        if right:
+            i, j = by_slice[k].cam_peak_ij
+            near.append(bool(ndimage.binary_dilation(case.lesion.array[k] > 0, iterations=2)[j, i]))
+    return lesion_right, normal_right, near
+
+
+@pytest.mark.slow
+def test_demo_model_classifies_fresh_phantoms_of_every_lesion_class(demo):
+    """Four phantoms never seen in training, one per lesion class: most lesion slices get their class (at least
+    half in each phantom), normal slices stay normal, and the heatmap peak of a right slice lies on its lesion.
+
+    Pooled over the four, one slice near a decision boundary moves a figure by about 0.03, not across a threshold.
+    """
+    lesion, normal, near, per_class = [], [], [], {}
+    for lesion_class in ("cyst", "fnh", "hcc", "hem"):
+        right, normal_right, near_lesion = _fresh_phantom_scores(demo, lesion_class, 910_001)
+        per_class[lesion_class] = float(np.mean(right))
+        lesion += right
+        normal += normal_right
+        near += near_lesion
+    assert np.mean(lesion) >= 0.7, f"{np.mean(lesion):.2f} of {len(lesion)} lesion slices right ({per_class})"
+    assert min(per_class.values()) >= 0.5, per_class
+    assert np.mean(normal) >= 0.9, f"normal: {np.mean(normal):.2f} of {len(normal)} slices right"
+    assert np.mean(near) >= 0.6, f"heatmap peak on the lesion in {np.mean(near):.2f} of {len(near)} right slices"
+
+
+@pytest.mark.slow
+@CYST_POINTING_SHORTFALL
+def test_demo_model_points_at_a_small_cyst(demo):
+    """The same checks on one small cyst: its slices are classified right, but the heatmap peak misses it."""
+    right, normal_right, near = _fresh_phantom_scores(demo, "cyst", 910_002)
+    assert np.mean(right) >= 0.6 and np.mean(normal_right) >= 0.8
     assert np.mean(near) >= 0.6
