@@ -29,20 +29,34 @@ def test_localise_scores_the_peak_against_the_dilated_lesion_and_the_region_by_i
     masks = np.stack([liver, core, dil])
     cam = torch.zeros(2, 2)
     cam[0, 0] = 1.0  # upsampled: the top-left quarter is hottest
-    hit, iou, (r, c) = localise(cam, masks, 0.5)
-    assert hit and (r, c) == (0, 0)
+    hit, iou, (r, c), centre_hit = localise(cam, masks, 0.5)
+    assert hit and (r, c) == (0, 0) and centre_hit
     assert 0.2 < iou <= 1.0
     cam2 = torch.zeros(2, 2)
     cam2[1, 1] = 1.0  # bottom-right: outside even the dilated lesion
-    hit2, iou2, (r2, c2) = localise(cam2, masks, 0.5)
-    assert not hit2 and r2 >= 6 and c2 >= 6 and iou2 == 0.0
-    miss, zero, none = localise(torch.zeros(2, 2), masks, 0.5)  # no heat at all
-    assert not miss and zero == 0.0 and none == (-1, -1)
+    hit2, iou2, (r2, c2), centre2 = localise(cam2, masks, 0.5)
+    assert not hit2 and r2 >= 6 and c2 >= 6 and iou2 == 0.0 and not centre2
+    miss, zero, none, no_centre = localise(torch.zeros(2, 2), masks, 0.5)  # no heat at all
+    assert not miss and zero == 0.0 and none == (-1, -1) and not no_centre
     # The liver masks the heat: a peak outside the liver is not taken.
     liver_half = liver.copy()
     liver_half[:, 4:] = 0
-    hit3, _, (r3, c3) = localise(cam2, np.stack([liver_half, core, dil]), 0.5)
+    hit3, _, (r3, c3), _ = localise(cam2, np.stack([liver_half, core, dil]), 0.5)
     assert c3 < 4
+
+
+def test_the_hot_spot_centre_is_not_tied_to_the_cam_grid():
+    """Four nearly equal CAM cells around a small lesion: the peak falls on one cell's centre beside the
+    lesion, the heat-weighted centre of the hot spot on the lesion."""
+    liver = np.ones((16, 16), np.uint8)
+    lesion = np.zeros((16, 16), np.uint8)
+    lesion[7:9, 7:9] = 1
+    cam = torch.zeros(4, 4)
+    cam[1:3, 1:3] = 0.98
+    cam[1, 1] = 1.0
+    hit, _, (r, c), centre_hit = localise(cam, np.stack([liver, lesion, lesion]), 0.5)
+    assert not hit and max(r, c) < 7  # the peak: the centre of cell (1, 1), beside the lesion
+    assert centre_hit
 
 
 @pytest.fixture(scope="module")

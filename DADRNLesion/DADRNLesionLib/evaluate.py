@@ -6,7 +6,10 @@ scaled to [0, 1]; its peak is the slice's point, its >= `cam_threshold` region t
 label. Both are scored on the CT's own in-plane grid against the ground-truth lesion:
 * pointing game: the peak lies in the lesion dilated by 2 voxels in-plane (a slice predicted
   normal has no heatmap and counts as a miss);
-* CAM IoU: the thresholded region against the (undilated) lesion.
+* CAM IoU: the thresholded region against the (undilated) lesion;
+* hot-spot centre: the heat-weighted centre of the thresholded region around the peak lies in the
+  dilated lesion. The peak sits on a node of the CAM's coarse grid (28 x 28 at 224 px, about 7 mm
+  apart over a liver box); the centre of the hot spot is not tied to that grid.
 The same is also computed with the CAM of the true class ("true-class CAM"), which isolates
 localisation from classification errors.
 
@@ -22,11 +25,12 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .cam import GradCAM
 from .classes import CLASS_NAMES, LESION_CLASSES
@@ -39,7 +43,7 @@ from .metrics import (
     localization_summary,
 )
 
-__all__ = ["EvalResult", "evaluate_cache", "write_report", "localise", "plot_confusion"]
+__all__ = ["EvalResult", "Localisation", "evaluate_cache", "write_report", "localise", "plot_confusion"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -59,6 +63,7 @@ class EvalResult:
     iou_true: np.ndarray
     peak_ij: np.ndarray  # (N, 2) (i, j) in the axial frame's slice (= the stored slice when not reoriented); -1 where no heatmap
     scored: np.ndarray  # (N,) lesion slices with a lesion outline (localization is scored on these)
+    centre_hit: np.ndarray  # (N,) hot-spot centre of the predicted-class CAM inside the dilated lesion
     cam_threshold: float = 0.5
     summary: dict[str, Any] = field(default_factory=dict)
 
@@ -84,6 +89,7 @@ class EvalResult:
                 "macro_recall": c["macro_recall"],
                 "class_accuracy": {k: v["accuracy"] for k, v in c["per_class"].items()},
                 "pointing": {k: s["localization"][k]["pointing"] for k in LESION_CLASSES},
+                "hot_spot_centre": {k: s["localization"][k].get("centre") for k in LESION_CLASSES},
                 "cam_iou": {k: s["localization"][k]["iou"] for k in LESION_CLASSES},
                 "pointing_true_class_cam": {k: s["localization_true_class"][k]["pointing"] for k in LESION_CLASSES},
             }
@@ -94,24 +100,31 @@ class EvalResult:
         return out
 
 
-def localise(cam: torch.Tensor, masks: np.ndarray, threshold: float) -> tuple[bool, float, tuple[int, int]]:
-    """Score one CAM (h, w) against one slice's (liver, lesion, dilated lesion) masks in its crop box.
+class Localisation(NamedTuple):
+    hit: bool  # the peak inside the dilated lesion
+    iou: float  # the >= threshold region against the lesion
+    peak: tuple[int, int]  # (row, col) of the peak in the box; (-1, -1) when the heatmap is empty
+    centre_hit: bool  # the heat-weighted centre of the peak's >= threshold region inside the dilated lesion
 
-    Returns (peak inside the dilated lesion, IoU of the >= threshold region with the lesion,
-    (row, col) of the peak in the box, or (-1, -1) when the heatmap is empty)."""
+
+def localise(cam: torch.Tensor, masks: np.ndarray, threshold: float) -> Localisation:
+    """Score one CAM (h, w) against one slice's (liver, lesion, dilated lesion) masks in its crop box."""
     liver = torch.from_numpy(masks[0].astype(np.float32))
     up = F.interpolate(cam[None, None].float().cpu(), size=tuple(liver.shape), mode="bilinear", align_corners=False)[0, 0]
     heat = up.clamp(min=0) * liver
     top = float(heat.max())
     core = masks[1] > 0
     if top <= 0 or not np.isfinite(top):
-        return False, 0.0, (-1, -1)
+        return Localisation(False, 0.0, (-1, -1), False)
     heat = (heat / top).numpy()
     r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
     region = (heat >= threshold) & (masks[0] > 0)
     union = np.logical_or(region, core).sum()
     iou = float(np.logical_and(region, core).sum() / union) if union else 0.0
-    return bool(masks[2][r, c] > 0), iou, (int(r), int(c))
+    parts, _ = ndimage.label(region)
+    cr, cc = ndimage.center_of_mass(np.where(parts == parts[r, c], heat, 0.0))
+    centre_hit = bool(masks[2][int(round(cr)), int(round(cc))] > 0)
+    return Localisation(bool(masks[2][r, c] > 0), iou, (int(r), int(c)), centre_hit)
 
 
 def evaluate_cache(
@@ -138,6 +151,7 @@ def evaluate_cache(
     iou_true = np.full(n, np.nan)
     peak = np.full((n, 2), -1, np.int64)
     scored = np.zeros(n, bool)
+    centre_hit = np.zeros(n, bool)
     labels = cache.labels[idx]
     for s in range(0, n, batch_size):
         rows = np.arange(s, min(n, s + batch_size))
@@ -156,13 +170,13 @@ def evaluate_cache(
             scored[rows[r]] = True
             box = cache.cases[int(cache.case[sample])]["box"]
             if pred[r] != 0:
-                h, v, (pr, pc) = localise(out.cams[r], masks, cam_threshold)
-                hit[rows[r]], iou[rows[r]] = h, v
+                h, v, (pr, pc), ch = localise(out.cams[r], masks, cam_threshold)
+                hit[rows[r]], iou[rows[r]], centre_hit[rows[r]] = h, v, ch
                 if pr >= 0:
                     peak[rows[r]] = (box[2] + pc, box[0] + pr)
             else:
                 iou[rows[r]] = 0.0
-            h, v, _ = localise(true_out.cams[pos], masks, cam_threshold)
+            h, v, _, _ = localise(true_out.cams[pos], masks, cam_threshold)
             hit_true[rows[r]], iou_true[rows[r]] = h, v
         if progress is not None:
             progress(int(rows[-1]) + 1, n)
@@ -181,6 +195,7 @@ def evaluate_cache(
         iou_true=iou_true,
         peak_ij=peak,
         scored=scored,
+        centre_hit=centre_hit,
         cam_threshold=cam_threshold,
     )
     result.summary = summarise(result)
@@ -196,7 +211,7 @@ def _scope_summary(r: EvalResult, sel: np.ndarray) -> dict[str, Any]:
     return {
         "n_cases": int(len(set(r.case_id[sel].tolist()))),
         "classification": classification_summary(cm),
-        "localization": localization_summary(lab_loc, r.hit[sel], iou),
+        "localization": localization_summary(lab_loc, r.hit[sel], iou, centre_hits=r.centre_hit[sel]),
         "localization_true_class": localization_summary(lab_loc, r.hit_true[sel], iou_t),
     }
 
@@ -208,6 +223,8 @@ def summarise(r: EvalResult) -> dict[str, Any]:
                                "pointing": "CAM peak of the predicted class inside the lesion dilated by 2 voxels in-plane, "
                                            "over all slices of the class (predicted normal = miss)",
                                "cam_iou": f"IoU of the CAM region >= {r.cam_threshold} of its maximum (inside the liver) with the lesion",
+                               "centre": f"heat-weighted centre of the peak's CAM region >= {r.cam_threshold} of its maximum inside "
+                                         "the lesion dilated by 2 voxels in-plane (predicted class; predicted normal = miss)",
                                "macro": "unweighted mean over the classes present in the ground truth",
                            }}
     unscored = int(((r.labels > 0) & ~r.scored).sum())
@@ -260,6 +277,8 @@ def _metric_rows(scope: str, s: dict[str, Any]) -> list[dict[str, Any]]:
         for name in LESION_CLASSES:
             rows.append({"scope": scope, "class": name, "metric": f"{prefix}pointing", "value": s[key][name]["pointing"]})
             rows.append({"scope": scope, "class": name, "metric": f"{prefix}cam_iou", "value": s[key][name]["iou"]})
+            if "centre" in s[key][name]:
+                rows.append({"scope": scope, "class": name, "metric": f"{prefix}hot_spot_centre", "value": s[key][name]["centre"]})
     return rows
 
 
@@ -284,7 +303,8 @@ def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path
     with open(out / "slices.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["case_id", "group", "slice_index", "axial_frame_slice_index", "label", "predicted", *(f"p_{c}" for c in CLASS_NAMES),
-                    "pointing_hit", "cam_iou", "pointing_hit_true_class", "axial_frame_cam_peak_i", "axial_frame_cam_peak_j"])
+                    "pointing_hit", "cam_iou", "pointing_hit_true_class", "axial_frame_cam_peak_i", "axial_frame_cam_peak_j",
+                    "hot_spot_centre_hit"])
         for n in range(result.labels.size):
             lesion = bool(result.scored[n])
             w.writerow([
@@ -294,6 +314,7 @@ def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path
                 int(result.hit[n]) if lesion else "", f"{result.iou[n]:.4f}" if lesion and np.isfinite(result.iou[n]) else "",
                 int(result.hit_true[n]) if lesion else "",
                 int(result.peak_ij[n, 0]) if result.peak_ij[n, 0] >= 0 else "", int(result.peak_ij[n, 1]) if result.peak_ij[n, 1] >= 0 else "",
+                int(result.centre_hit[n]) if lesion else "",
             ])
     plot_confusion(np.array(result.summary["all"]["classification"]["confusion_matrix"]), out / "confusion.png",
                    f"{title} (all)" if title else "")

@@ -89,10 +89,13 @@ def localization_summary(
     hits: Sequence[bool],
     ious: Optional[Sequence[float]] = None,
     class_names: Sequence[str] = CLASS_NAMES,
+    centre_hits: Optional[Sequence[bool]] = None,
 ) -> dict[str, Any]:
-    """Pointing-game accuracy and mean CAM IoU per lesion class, over the slices of that class."""
+    """Pointing-game accuracy and mean CAM IoU per lesion class, over the slices of that class (and the
+    hot-spot centre's accuracy, when given)."""
     labels = np.asarray(labels, dtype=np.int64)
     hits = np.asarray(hits, dtype=bool)
+    centres = None if centre_hits is None else np.asarray(centre_hits, dtype=bool)
     ious_a = None if ious is None else np.asarray(ious, dtype=np.float64)
     out: dict[str, Any] = {}
     for name in LESION_CLASSES:
@@ -104,12 +107,16 @@ def localization_summary(
             "iou": float(ious_a[sel].mean()) if (n and ious_a is not None) else None,
             "n": n,
         }
+        if centres is not None:
+            out[name]["centre"] = float(centres[sel].mean()) if n else None
     lesion = labels > 0
     out["all_lesion_slices"] = {
         "pointing": float(hits[lesion].mean()) if lesion.any() else None,
         "iou": float(ious_a[lesion].mean()) if (lesion.any() and ious_a is not None) else None,
         "n": int(lesion.sum()),
     }
+    if centres is not None:
+        out["all_lesion_slices"]["centre"] = float(centres[lesion].mean()) if lesion.any() else None
     return out
 
 
@@ -136,8 +143,12 @@ def format_classification_table(summary: dict[str, Any], title: str = "") -> str
 
 def format_localization_table(loc: dict[str, Any], title: str = "") -> str:
     lines = [title] if title else []
-    lines.append("localization (pointing game: CAM peak in the lesion dilated by 2 voxels; CAM IoU)")
+    centre = all("centre" in loc[n] for n in LESION_CLASSES)
+    lines.append("localization (pointing game: CAM peak in the lesion dilated by 2 voxels; CAM IoU"
+                 + ("; hot-spot centre: the heat-weighted centre of the peak's region, in the same dilated lesion)" if centre else ")"))
     lines.append("  " + "  ".join(f"{n:>7s}" for n in LESION_CLASSES))
     lines.append("  " + "  ".join(f"{_fmt(loc[n]['pointing']):>7s}" for n in LESION_CLASSES) + "   pointing")
     lines.append("  " + "  ".join(f"{_fmt(loc[n]['iou']):>7s}" for n in LESION_CLASSES) + "   IoU")
+    if centre:
+        lines.append("  " + "  ".join(f"{_fmt(loc[n]['centre']):>7s}" for n in LESION_CLASSES) + "   hot-spot centre")
     return "\n".join(lines)
