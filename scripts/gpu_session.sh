@@ -112,7 +112,6 @@ fi
 
 # 4. Back: weights and card as files, everything else in one archive.
 cp "$WORK/train/best.safetensors" "$WORK/train/best.json" "$OUT/" 2>/dev/null
-cp "$WORK/logs/bench_gpu.json" "$OUT/" 2>/dev/null
 tar -czf "$OUT/results.tgz" -C "$WORK" logs $(cd "$WORK" && ls -d train/metrics.csv train/curves.png train/summary.json \
     train/split.csv train/train_config.json train/test train/test_init 2>/dev/null)
 log "done"

@@ -43,7 +43,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import NoLiverFoundError, UserInputError
-from .liver_check import check_liver_mask, summary_line  # re-exported for callers
+from .liver_check import bounding_box, check_liver_mask, summary_line  # the last two re-exported for callers
 from .volume import Volume
 
 __all__ = [
@@ -167,19 +167,10 @@ def _ball_ops(mask, r_mm, spacing, op):
     # the mask, a dilation grows by the steps. One more voxel of real background around the box
     # keeps the result identical to the whole-array one.
     reach = (1, 1, 1) if op == "erode" else (n_z + 1, n_xy + 1, n_xy + 1)
-    box = _padded_box(mask, reach)
+    box = bounding_box(mask, reach)
     result = np.zeros(mask.shape, bool)
     result[box] = _ball_steps(mask[box], n_xy, n_z, op)
     return result
-
-
-def _padded_box(mask, pad):
-    """The box of a non-empty mask grown by pad[axis] voxels, clipped to the array."""
-    box = []
-    for axis, other in enumerate(((1, 2), (0, 2), (0, 1))):
-        hit = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(max(0, int(hit[0]) - pad[axis]), min(mask.shape[axis], int(hit[-1]) + 1 + pad[axis])))
-    return tuple(box)
 
 
 def _ball_steps(mask, n_xy, n_z, op):

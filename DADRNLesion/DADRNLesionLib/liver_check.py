@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 
 from .volume import Volume
 
-__all__ = ["check_liver_mask", "summary_line", "dice", "surface_distance_hd95", "NORMAL_ADULT_ML"]
+__all__ = ["check_liver_mask", "summary_line", "bounding_box", "dice", "surface_distance_hd95", "NORMAL_ADULT_ML"]
 
 # Normal adult liver volume (ml); livers outside it exist (small women, hepatomegaly) hence warnings only.
 NORMAL_ADULT_ML = (800.0, 2500.0)
@@ -30,12 +30,13 @@ def _lps_points(vol: Volume, kji: np.ndarray) -> np.ndarray:
     return ijk @ m[:3, :3].T + m[:3, 3]
 
 
-def _bounding_box(m: np.ndarray) -> tuple[slice, slice, slice]:
-    """Slices of the smallest box holding every True voxel of a non-empty 3D mask."""
+def bounding_box(m: np.ndarray, pad: tuple[int, int, int] = (0, 0, 0)) -> tuple[slice, slice, slice]:
+    """Slices of the smallest box holding every True voxel of a non-empty 3D mask, grown by pad[axis]
+    voxels and clipped to the array; each axis is projected once, no voxel list is made."""
     box = []
-    for other in ((1, 2), (0, 2), (0, 1)):
+    for axis, other in enumerate(((1, 2), (0, 2), (0, 1))):
         hit = np.flatnonzero(m.any(axis=other))
-        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+        box.append(slice(max(0, int(hit[0]) - pad[axis]), min(m.shape[axis], int(hit[-1]) + 1 + pad[axis])))
     return tuple(box)
 
 
@@ -65,7 +66,7 @@ def check_liver_mask(mask: Volume, ct: Volume | None = None) -> dict:
         return out
 
     # the work is done on the mask's bounding box: the same components, a fraction of the voxels
-    box = _bounding_box(m)
+    box = bounding_box(m)
     mb = m[box]
     lab, ncomp = ndi.label(mb, structure=np.ones((3, 3, 3), bool))
     sizes = np.bincount(lab.ravel())[1:]
