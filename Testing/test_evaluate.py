@@ -112,6 +112,12 @@ def test_evaluation_of_a_toy_set_and_its_report(tmp_path):
     metrics = list(csv.DictReader(open(out / "metrics.csv")))
     acc = [r for r in metrics if r["scope"] == "all" and r["class"] == "all" and r["metric"] == "accuracy"]
     assert float(acc[0]["value"]) == pytest.approx(summ["classification"]["accuracy"], abs=1e-5)
+    # Patient-resampled interval around the figure: in the CSV, the JSON and the report.
+    assert float(acc[0]["ci_low"]) <= float(acc[0]["value"]) <= float(acc[0]["ci_high"])
+    assert summ["interval"]["patients"] == 10 and summ["interval"]["accuracy"] == pytest.approx(
+        [float(acc[0]["ci_low"]), float(acc[0]["ci_high"])], abs=1e-5)
+    assert "95% interval (2000 resamples of 10 patients): accuracy" in (out / "report.txt").read_text()
+    assert result.card_metrics()["all"]["interval"]["macro_f1"] == summ["interval"]["macro_f1"]
 
 
 def test_cli_evaluate_writes_tables_for_a_split(tmp_path):

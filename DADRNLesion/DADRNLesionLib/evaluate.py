@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from .bootstrap import format_interval, patient_bootstrap
 from .cam import GradCAM
 from .classes import CLASS_NAMES, LESION_CLASSES
 from .data import SliceCache
@@ -65,7 +66,12 @@ class EvalResult:
     scored: np.ndarray  # (N,) lesion slices with a lesion outline (localization is scored on these)
     centre_hit: np.ndarray  # (N,) hot-spot centre of the predicted-class CAM inside the dilated lesion
     cam_threshold: float = 0.5
+    patient_id: Optional[np.ndarray] = None  # (N,) str; None: each case its own patient
     summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patients(self) -> np.ndarray:
+        return self.case_id if self.patient_id is None else self.patient_id
 
     def text(self) -> str:
         parts = []
@@ -73,6 +79,8 @@ class EvalResult:
             cases = s["n_cases"]
             parts.append(format_classification_table(s["classification"], title=f"== {scope} ({cases} cases) =="))
             parts.append(format_localization_table(s["localization"]))
+            if s.get("interval"):
+                parts.append(format_interval(s["interval"]))
         return "\n".join(parts)
 
     def card_metrics(self) -> dict[str, Any]:
@@ -92,6 +100,7 @@ class EvalResult:
                 "hot_spot_centre": {k: s["localization"][k].get("centre") for k in LESION_CLASSES},
                 "cam_iou": {k: s["localization"][k]["iou"] for k in LESION_CLASSES},
                 "pointing_true_class_cam": {k: s["localization_true_class"][k]["pointing"] for k in LESION_CLASSES},
+                **({"interval": _compact_interval(s["interval"])} if s.get("interval") else {}),
             }
 
         out = {"all": compact(self.summary["all"])}
@@ -197,9 +206,16 @@ def evaluate_cache(
         scored=scored,
         centre_hit=centre_hit,
         cam_threshold=cam_threshold,
+        patient_id=np.array([cache.cases[c].get("patient_id") or cache.cases[c]["case_id"] for c in case_of], dtype=object),
     )
     result.summary = summarise(result)
     return result
+
+
+def _compact_interval(ci: dict[str, Any]) -> dict[str, Any]:
+    """The card's copy of an interval: the bounds and what they are."""
+    keep = ("level", "patients", "accuracy", "macro_f1", "class_accuracy", "pointing")
+    return {k: ci[k] for k in keep}
 
 
 def _scope_summary(r: EvalResult, sel: np.ndarray) -> dict[str, Any]:
@@ -213,6 +229,7 @@ def _scope_summary(r: EvalResult, sel: np.ndarray) -> dict[str, Any]:
         "classification": classification_summary(cm),
         "localization": localization_summary(lab_loc, r.hit[sel], iou, centre_hits=r.centre_hit[sel]),
         "localization_true_class": localization_summary(lab_loc, r.hit_true[sel], iou_t),
+        "interval": patient_bootstrap(r.patients[sel], lab, r.predicted[sel], r.hit[sel], r.scored[sel]),
     }
 
 
@@ -226,6 +243,8 @@ def summarise(r: EvalResult) -> dict[str, Any]:
                                "centre": f"heat-weighted centre of the peak's CAM region >= {r.cam_threshold} of its maximum inside "
                                          "the lesion dilated by 2 voxels in-plane (predicted class; predicted normal = miss)",
                                "macro": "unweighted mean over the classes present in the ground truth",
+                               "interval": "percentile interval over resamples of the patients (with replacement, all slices of a "
+                                           "patient together; level and count in each scope's interval); none with fewer than two patients",
                            }}
     unscored = int(((r.labels > 0) & ~r.scored).sum())
     if unscored:
@@ -267,15 +286,23 @@ def plot_confusion(cm: np.ndarray, path: Path, title: str = "") -> Optional[Path
 
 def _metric_rows(scope: str, s: dict[str, Any]) -> list[dict[str, Any]]:
     c = s["classification"]
-    rows = [{"scope": scope, "class": "all", "metric": m, "value": c[m]} for m in ("accuracy", "macro_f1", "macro_precision", "macro_recall")]
+    ci = s.get("interval") or {}
+
+    def bounds(v: Optional[list[float]]) -> dict[str, Any]:
+        return {"ci_low": v[0], "ci_high": v[1]} if v else {}
+
+    rows = [{"scope": scope, "class": "all", "metric": m, "value": c[m], **bounds(ci.get(m))}
+            for m in ("accuracy", "macro_f1", "macro_precision", "macro_recall")]
     rows.append({"scope": scope, "class": "all", "metric": "slices", "value": c["n"]})
     rows.append({"scope": scope, "class": "all", "metric": "cases", "value": s["n_cases"]})
     for name, v in c["per_class"].items():
         for m in ("accuracy", "precision", "recall", "f1", "support"):
-            rows.append({"scope": scope, "class": name, "metric": m, "value": v[m]})
+            extra = bounds(ci.get("class_accuracy", {}).get(name)) if m == "accuracy" else {}
+            rows.append({"scope": scope, "class": name, "metric": m, "value": v[m], **extra})
     for key, prefix in (("localization", ""), ("localization_true_class", "true_class_")):
         for name in LESION_CLASSES:
-            rows.append({"scope": scope, "class": name, "metric": f"{prefix}pointing", "value": s[key][name]["pointing"]})
+            extra = bounds(ci.get("pointing", {}).get(name)) if key == "localization" else {}
+            rows.append({"scope": scope, "class": name, "metric": f"{prefix}pointing", "value": s[key][name]["pointing"], **extra})
             rows.append({"scope": scope, "class": name, "metric": f"{prefix}cam_iou", "value": s[key][name]["iou"]})
             if "centre" in s[key][name]:
                 rows.append({"scope": scope, "class": name, "metric": f"{prefix}hot_spot_centre", "value": s[key][name]["centre"]})
@@ -287,7 +314,7 @@ def _safe(name: str) -> str:
 
 
 def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path:
-    """metrics.json, metrics.csv (scope, class, metric, value), slices.csv, confusion*.png, report.txt."""
+    """metrics.json, metrics.csv (scope, class, metric, value, ci_low, ci_high), slices.csv, confusion*.png, report.txt."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"title": title, **result.summary}, indent=2))
@@ -295,11 +322,10 @@ def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path
     for g, s in result.summary.get("groups", {}).items():
         rows += _metric_rows(g, s)
     with open(out / "metrics.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["scope", "class", "metric", "value"])
+        w = csv.DictWriter(fh, fieldnames=["scope", "class", "metric", "value", "ci_low", "ci_high"])
         w.writeheader()
         for row in rows:
-            v = row["value"]
-            w.writerow({**row, "value": "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v)})
+            w.writerow({k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     with open(out / "slices.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["case_id", "group", "slice_index", "axial_frame_slice_index", "label", "predicted", *(f"p_{c}" for c in CLASS_NAMES),
