@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from DADRNLesionLib.classes import CLASS_NAMES, LESION_CLASSES
 from DADRNLesionLib.cli import main

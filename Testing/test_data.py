@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import csv
-import json
 
 import numpy as np
 import pytest
-import torch
 
 from DADRNLesionLib import data as D
 from DADRNLesionLib.classes import CLASS_NAMES

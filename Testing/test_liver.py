@@ -63,7 +63,7 @@ def _reorient(vol: Volume, perm, flips) -> Volume:
     d_old = np.asarray(vol.direction)
     sp_old = vol.spacing
     origin = np.asarray(vol.origin, float)
-    cols, spacing = [], []
+    cols = []
     for new_axis in range(3):  # array axis new_axis = old array axis perm[new_axis]
         old = perm[new_axis]
         col = d_old[:, 2 - old].copy()

@@ -42,7 +42,7 @@ from .classes import CLASS_NAMES
 from .data import SPLITS, SliceCache, write_split
 from .distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup, teardown
 from .errors import UserInputError
-from .metrics import classification_summary, confusion_matrix
+from .metrics import classification_summary
 from .model import LesionClassifier, ModelConfig, build_model
 from .weights import ModelCard, save_checkpoint
 

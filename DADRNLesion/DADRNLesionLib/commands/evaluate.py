@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..cli import add_common_options
 from ..errors import UserInputError
-from .dataset import add_data_options, describe_cache, input_spec_from, load_cache_from_args
+from .dataset import add_data_options, describe_cache, load_cache_from_args
 
 
 def add_parser(subparsers) -> None:
