@@ -150,3 +150,30 @@ def test_one_slice_volume_works(biased_model):
 
 def test_class_order_is_the_documented_one():
     assert CLASS_NAMES == ("normal", "cyst", "fnh", "hcc", "hem") and LIVER_VALUE == 1
+
+
+def _slices(classes, first=10, top=0.8):
+    from DADRNLesionLib.results import SliceResult
+
+    out = []
+    for n, c in enumerate(classes):
+        p = np.full(len(CLASS_NAMES), 0.05)
+        p[CLASS_NAMES.index(c)] = top + 0.1 * (c == "cyst")  # ties in slice count go to the larger summed probability
+        out.append(SliceResult(first + n, 2.0 * n, c, p / p.sum()))
+    return out
+
+
+def test_study_summary_names_the_classes_it_outvoted_and_the_lesion_runs():
+    from DADRNLesionLib.results import study_summary
+
+    mixed = study_summary(_slices(["normal", "hcc", "fnh", "fnh", "hem", "normal", "normal", "fnh", "hcc", "cyst", "normal"]))
+    assert mixed["dominant_class"] == "fnh" and mixed["slices"] == [12, 13, 17]
+    assert mixed["finding"] == "FNH on 3 of 7 lesion slices (also HCC 2, Cyst 1, Hemangioma 1)"
+    assert mixed["class_counts"] == {"cyst": 1, "fnh": 3, "hcc": 2, "hem": 1}
+    assert [(r["first_slice"], r["last_slice"]) for r in mixed["regions"]] == [(11, 14), (17, 19)]
+    assert mixed["regions"][0]["class_counts"] == {"hcc": 1, "fnh": 2, "hem": 1}
+
+    one = study_summary(_slices(["normal", "cyst", "cyst", "normal"]))
+    assert one["finding"] == "Cyst on 2 slice(s)" and one["regions"] == [{"first_slice": 11, "last_slice": 12, "class_counts": {"cyst": 2}}]
+    none = study_summary(_slices(["normal"] * 3))
+    assert none["finding"] == "no lesion slices" and none["dominant_class"] is None and none["regions"] == []

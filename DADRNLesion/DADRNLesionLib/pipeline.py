@@ -13,7 +13,7 @@ import os
 import platform
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
@@ -21,12 +21,12 @@ import torch
 
 from . import __version__
 from .cam import GradCAM, normalise_per_slice
-from .classes import CLASS_NAMES, LABEL_BY_KEY, LESION_CLASSES, LIVER_VALUE, label_value_of_class
+from .classes import CLASS_NAMES, LIVER_VALUE, label_value_of_class
 from .errors import Cancelled, UserInputError, WeightsError
 from .liver_check import check_liver_mask
 from .orientation import to_axial_frame
 from .preprocess import liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
-from .results import PipelineResult, SliceResult
+from .results import PipelineResult, SliceResult, study_summary
 from .volume import Volume
 from .weights import DEMO_WEIGHTS, LoadedModel, load_checkpoint, random_model
 
@@ -346,17 +346,7 @@ def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timin
     counts = {name: 0 for name in CLASS_NAMES}
     for s in results:
         counts[s.predicted_class] += 1
-    lesion_counts = {c: counts[c] for c in LESION_CLASSES}
-    dominant = max(lesion_counts, key=lambda c: (lesion_counts[c], sum(float(s.probabilities[CLASS_NAMES.index(c)]) for s in results)))
-    if lesion_counts[dominant] == 0:
-        summary = {"finding": "no lesion slices", "dominant_class": None, "slices": []}
-    else:
-        summary = {
-            "finding": f"{LABEL_BY_KEY[dominant].name} on {lesion_counts[dominant]} slice(s)",
-            "dominant_class": dominant,
-            "slices": [s.slice_index for s in results if s.predicted_class == dominant],
-            "mean_probability": float(np.mean([s.probabilities[CLASS_NAMES.index(dominant)] for s in results if s.predicted_class == dominant])),
-        }
+    summary = study_summary(results)
     card = loaded.card
     return {
         "input": {

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .classes import CLASS_NAMES
+from .classes import CLASS_NAMES, LABEL_BY_KEY, LESION_CLASSES
 from .volume import Volume
 
 SLICE_CSV_COLUMNS: tuple[str, ...] = (
@@ -73,3 +73,48 @@ class PipelineResult:
     @property
     def lesion_slices(self) -> list[SliceResult]:
         return [s for s in self.slices if s.is_lesion]
+
+
+def study_summary(results: Sequence[SliceResult]) -> dict[str, Any]:
+    """The study in one line, without hiding disagreement between slices.
+
+    The dominant class is the lesion class called on most slices (ties: the larger summed
+    probability). When other lesion classes were called too, the finding says how many slices each
+    got: a study whose lesion slices split between FNH and HCC must not read as a confident FNH.
+    `regions` are the runs of consecutive lesion slices (whatever their class), for navigation."""
+    counts = {c: 0 for c in LESION_CLASSES}
+    for s in results:
+        if s.is_lesion:
+            counts[s.predicted_class] += 1
+    n_lesion = sum(counts.values())
+    if n_lesion == 0:
+        return {"finding": "no lesion slices", "dominant_class": None, "slices": [], "class_counts": counts, "regions": []}
+
+    def summed(c: str) -> float:
+        return sum(float(s.probabilities[CLASS_NAMES.index(c)]) for s in results)
+
+    dominant = max(LESION_CLASSES, key=lambda c: (counts[c], summed(c)))
+    name = LABEL_BY_KEY[dominant].name
+    others = sorted((c for c in LESION_CLASSES if c != dominant and counts[c]), key=lambda c: (-counts[c], -summed(c)))
+    if others:
+        also = ", ".join(f"{LABEL_BY_KEY[c].name} {counts[c]}" for c in others)
+        finding = f"{name} on {counts[dominant]} of {n_lesion} lesion slices (also {also})"
+    else:
+        finding = f"{name} on {counts[dominant]} slice(s)"
+    regions: list[dict[str, Any]] = []
+    for s in sorted((s for s in results if s.is_lesion), key=lambda s: s.slice_index):
+        if regions and s.slice_index == regions[-1]["last_slice"] + 1:
+            r = regions[-1]
+            r["last_slice"] = s.slice_index
+        else:
+            r = {"first_slice": s.slice_index, "last_slice": s.slice_index, "class_counts": {}}
+            regions.append(r)
+        r["class_counts"][s.predicted_class] = r["class_counts"].get(s.predicted_class, 0) + 1
+    return {
+        "finding": finding,
+        "dominant_class": dominant,
+        "slices": [s.slice_index for s in results if s.predicted_class == dominant],
+        "mean_probability": float(np.mean([s.probabilities[CLASS_NAMES.index(dominant)] for s in results if s.predicted_class == dominant])),
+        "class_counts": counts,
+        "regions": regions,
+    }
