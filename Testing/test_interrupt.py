@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -49,28 +51,54 @@ def start(study: Path, weights: Path, out: Path, *extra: str) -> subprocess.Pope
     args = [sys.executable, "-m", "DADRNLesionLib", "classify", str(study / "ct.nrrd"), "--liver-mask", str(study / "liver.nii.gz"),
             "--weights", str(weights), "--out", str(out), "--device", "cpu", "--threads", "1", "--batch-size", "1",
             "--progress-format", "jsonl", *extra]
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Binary, unbuffered stdout: events are read straight from the pipe (see `_read_events`), so a
+    # line can never sit in a reader's buffer while select() says there is nothing to read.
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+
+
+def _read_events(proc: subprocess.Popen, events: list[dict], timeout: float) -> bool:
+    """Append the complete JSON lines the run has written so far (waiting up to `timeout` for the
+    first); False at end of output."""
+    pending = getattr(proc, "_pending", b"")
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    if not ready:
+        return True
+    chunk = os.read(proc.stdout.fileno(), 65536)
+    if not chunk:
+        return False
+    *lines, proc._pending = (pending + chunk).split(b"\n")
+    events.extend(json.loads(line) for line in lines if line.strip())
+    return True
 
 
 def wait_for(proc: subprocess.Popen, predicate, timeout: float = 240.0) -> list[dict]:
-    """Read JSON-lines events until `predicate(event)` holds; returns the events read."""
+    """Read JSON-lines events until one satisfies `predicate`; returns every event read so far."""
     events: list[dict] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if not ready:
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        events.append(json.loads(line))
-        if predicate(events[-1]):
+        seen = len(events)
+        open_ = _read_events(proc, events, 1.0)
+        if any(predicate(e) for e in events[seen:]):
             return events
+        if not open_ or (len(events) == seen and proc.poll() is not None):
+            break
     proc.kill()
     proc.wait()
-    pytest.fail(f"the run never reached the awaited point; events: {events[-3:]}; stderr: {proc.stderr.read()[-2000:]}")
+    pytest.fail(f"the run never reached the awaited point; events: {events[-3:]}; stderr: {proc.stderr.read()[-2000:].decode(errors='replace')}")
+
+
+def signal_before_writing(proc: subprocess.Popen, sig: int, events: list[dict]) -> bool:
+    """Freeze the run, catch up with every event it has written, and send `sig` only if it has not
+    begun to write results; True when sent. A run that got further while the test was reading its
+    events has not been interrupted, so it cannot be judged: the caller runs it again."""
+    proc.send_signal(signal.SIGSTOP)
+    while _read_events(proc, events, 0.2) and select.select([proc.stdout], [], [], 0)[0]:
+        pass
+    early = proc.poll() is None and not any(e.get("stage") == "write" or e.get("event") in ("study_done", "done") for e in events)
+    if early:
+        proc.send_signal(sig)
+    proc.send_signal(signal.SIGCONT)
+    return early
 
 
 def in_model_stage(event: dict) -> bool:
@@ -79,7 +107,7 @@ def in_model_stage(event: dict) -> bool:
 
 def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 def leftovers(parent: Path, out: Path) -> list[str]:
@@ -99,12 +127,25 @@ def fake_old_results(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in out.iterdir()}
 
 
+def interrupt_in_model_stage(study: Path, weights: Path, out: Path, sig: int, *extra: str, old_results: bool = False,
+                             attempts: int = 3) -> tuple[subprocess.Popen, Optional[dict[str, bytes]]]:
+    """A run signalled in its model stage, before it writes anything, and the old results folder
+    it started from (with `old_results`). A run that outpaced the test and finished is discarded and
+    started again from the same state."""
+    for _ in range(attempts):
+        shutil.rmtree(out, ignore_errors=True)
+        before = fake_old_results(out) if old_results else None
+        proc = start(study, weights, out, *extra)
+        if signal_before_writing(proc, sig, wait_for(proc, in_model_stage)):
+            return proc, before
+        finish(proc)
+    pytest.fail(f"in {attempts} runs the test never caught the run before it wrote its results")
+
+
 @pytest.mark.slow
 def test_sigkill_in_the_model_stage_leaves_no_results_and_the_next_run_works(long_study, weights, tmp_path):
     out = tmp_path / "out"
-    proc = start(long_study, weights, out)
-    wait_for(proc, in_model_stage)
-    proc.send_signal(signal.SIGKILL)
+    proc, _ = interrupt_in_model_stage(long_study, weights, out, signal.SIGKILL)
     code, _, _ = finish(proc)
     assert code == -signal.SIGKILL
     assert not out.exists() and not list(tmp_path.rglob("report.json"))
@@ -118,10 +159,7 @@ def test_sigkill_in_the_model_stage_leaves_no_results_and_the_next_run_works(lon
 
 def test_sigkill_with_overwrite_keeps_the_old_results(long_study, weights, tmp_path):
     out = tmp_path / "out"
-    before = fake_old_results(out)
-    proc = start(long_study, weights, out, "--overwrite")
-    wait_for(proc, in_model_stage)
-    proc.send_signal(signal.SIGKILL)
+    proc, before = interrupt_in_model_stage(long_study, weights, out, signal.SIGKILL, "--overwrite", old_results=True)
     finish(proc)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -129,10 +167,8 @@ def test_sigkill_with_overwrite_keeps_the_old_results(long_study, weights, tmp_p
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_sigint_cancels_with_exit_130_and_no_partial_output(long_study, weights, tmp_path, overwrite):
     out = tmp_path / "out"
-    before = fake_old_results(out) if overwrite else None
-    proc = start(long_study, weights, out, *(["--overwrite"] if overwrite else []))
-    wait_for(proc, in_model_stage)
-    proc.send_signal(signal.SIGINT)
+    proc, before = interrupt_in_model_stage(long_study, weights, out, signal.SIGINT, *(["--overwrite"] if overwrite else []),
+                                            old_results=overwrite)
     code, stdout, err = finish(proc)
     assert code == 130, err
     assert "cancelled" in err and "Traceback" not in err
