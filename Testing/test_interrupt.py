@@ -53,7 +53,10 @@ def start(study: Path, weights: Path, out: Path, *extra: str) -> subprocess.Pope
             "--progress-format", "jsonl", *extra]
     # Binary, unbuffered stdout: events are read straight from the pipe (see `_read_events`), so a
     # line can never sit in a reader's buffer while select() says there is nothing to read.
-    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    # SIGINT as at a terminal: a test session started as a background job (`pytest &` in a script)
+    # runs with SIGINT ignored, and its children would inherit that and never see the signal.
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _read_events(proc: subprocess.Popen, events: list[dict], timeout: float) -> bool:
