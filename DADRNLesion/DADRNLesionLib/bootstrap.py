@@ -5,7 +5,9 @@ independent draws: a slice-level interval over 13 000 slices from 200 cases woul
 narrow. Each resample draws the test set's patients with replacement (all slices of a drawn patient
 come along) and recomputes the figures with the definitions of `metrics`; the interval is the
 percentile interval of those resamples. With a single patient there is nothing to resample and no
-interval is given (e.g. many lesion draws painted into one real scan).
+interval is given. Patients are whatever the data set says (`patient_id`): the cases with lesions
+painted into one real scan are separate patients there, so their interval spans lesion draws on one
+anatomy.
 """
 
 from __future__ import annotations
