@@ -117,21 +117,22 @@ def test_read_cases_from_csv_phantom_list_and_folder(tmp_path):
     _write_case(tmp_path / "b", ct, liver)
     with open(tmp_path / "list.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["case_id", "ct", "liver", "lesion", "patient_id", "group", "split"])
-        w.writerow(["A", "a/ct.nii.gz", "a/liver.nii.gz", "a/lesion.nii.gz", "p1", "site1", "test"])
-        w.writerow(["B", "b/ct.nii.gz", "b/liver.nii.gz", "", "", "", ""])
+        w.writerow(["case_id", "ct", "liver", "lesion", "patient_id", "group", "split", "subgroup"])
+        w.writerow(["A", "a/ct.nii.gz", "a/liver.nii.gz", "a/lesion.nii.gz", "p1", "site1", "test", "small lesions"])
+        w.writerow(["B", "b/ct.nii.gz", "b/liver.nii.gz", "", "", "", "", ""])
     recs = D.read_cases(tmp_path / "list.csv")
     assert [r.case_id for r in recs] == ["A", "B"]
     assert recs[0].lesion == tmp_path / "a" / "lesion.nii.gz" and recs[1].lesion is None
-    assert (recs[0].patient_id, recs[0].group, recs[0].split) == ("p1", "site1", "test")
+    assert (recs[0].patient_id, recs[0].group, recs[0].split, recs[0].subgroup) == ("p1", "site1", "test", "small lesions")
     a = D.load_case(recs[0])
-    assert a.labels[5] == CLASS_NAMES.index("hcc") and a.patient_id == "p1"
+    assert a.labels[5] == CLASS_NAMES.index("hcc") and a.patient_id == "p1" and a.subgroup == "small lesions"
     b = D.load_case(recs[1])
     assert set(b.labels.tolist()) == {0, D.IGNORE}  # no lesion map, no table: a normal case
     # The phantom writer's list: a `path` column naming the case folder.
-    (tmp_path / "ph.csv").write_text("case_id,lesion_class,path,source\nA,hcc,a,phantom\n")
+    (tmp_path / "ph.csv").write_text("case_id,lesion_class,path,source,hard\nA,hcc,a,phantom,1\nB,normal,b,phantom,0\n")
     ph = D.read_cases(tmp_path / "ph.csv")
     assert ph[0].ct == tmp_path / "a" / "ct.nii.gz" and ph[0].lesion is not None and ph[0].group == "phantom"
+    assert [r.subgroup for r in ph] == ["hard", "regular"]  # the generator's record of its hard draws
     folder = D.read_cases(tmp_path)  # no cases.csv there: sub-folders are cases
     assert [r.case_id for r in folder] == ["a", "b"]
     (tmp_path / "dup.csv").write_text("case_id,ct,liver\nA,a/ct.nii.gz,a/liver.nii.gz\nA,b/ct.nii.gz,b/liver.nii.gz\n")
@@ -220,6 +221,17 @@ def test_phantom_case_gives_lesion_slices_of_its_class():
             areas[k] = max(areas.get(k, 0.0), a)
     for k in np.flatnonzero(labels == CLASS_NAMES.index("cyst")):
         assert areas.get(int(k), 0.0) >= 20.0
+
+
+def test_the_generators_hard_draws_travel_as_a_subgroup_to_the_cache_and_the_case_list(tmp_path):
+    kw = dict(matrix=64, n_slices=8)
+    made = list(D.synthetic_cases(3, 5, hard=True, **kw)) + list(D.synthetic_cases(2, 6, **kw))
+    assert [D.synthetic_subgroup(c) for c in made[:3]] == ["hard"] * 3
+    assert [D.synthetic_subgroup(c) for c in made] == ["hard" if c.meta["hard"] else "regular" for c in made]
+    cache = D.build_cache([D.prepare_synthetic(c) for c in made], InputSpec(size=32))
+    assert [c["subgroup"] for c in cache.cases] == [D.synthetic_subgroup(c) for c in made]
+    D.write_dataset(tmp_path / "set", iter(made))
+    assert [r.subgroup for r in D.read_cases(tmp_path / "set" / "cases.csv")] == [D.synthetic_subgroup(c) for c in made]
 
 
 def test_caches_merge_and_thin_without_losing_lesion_slices_or_their_outlines():

@@ -92,9 +92,17 @@ def test_evaluation_agrees_with_the_pipeline_on_classes_probabilities_and_heatma
 
 def test_evaluation_of_a_toy_set_and_its_report(tmp_path):
     cache = toy_cache()
+    for c in cache.cases:  # the second case of each class drawn hard
+        c["subgroup"] = "hard" if c["case_id"].endswith("_1") else "regular"
     loaded = random_model({"backbone": "drn_d_22", "width": 0.125, "attention": "dual"}, InputSpec(size=SIZE), seed=0)
     result = evaluate_cache(loaded.model, cache, np.arange(len(cache)), batch_size=16)
     n = len(cache)
+    # One group ("toy"): no group scopes, but each subgroup is reported on its own cases.
+    scopes = result.summary["groups"]
+    assert sorted(scopes) == ["toy / hard", "toy / regular"]
+    assert scopes["toy / hard"]["n_cases"] == 5 and scopes["toy / hard"]["classification"]["n"] == n // 2
+    hard = np.array([c.endswith("_1") for c in result.case_id])
+    assert scopes["toy / hard"]["classification"]["accuracy"] == pytest.approx((result.predicted == result.labels)[hard].mean())
     assert result.probabilities.shape == (n, 5)
     np.testing.assert_allclose(result.probabilities.sum(1), 1.0, atol=1e-5)
     lesion = result.labels > 0

@@ -174,6 +174,7 @@ class CaseRecord:
     patient_id: str = ""  # cases of one patient always share a split; default: the case id
     group: str = ""  # reported separately by `evaluate`, e.g. "phantom" or "real"
     split: str = ""  # a fixed split (train/val/test), overriding the seeded one
+    subgroup: str = ""  # reported separately within its group, e.g. a phantom's "hard" / "regular"
 
 
 @dataclass
@@ -189,6 +190,7 @@ class CaseVolumes:
     patient_id: str = ""
     group: str = ""
     split: str = ""
+    subgroup: str = ""
 
 
 _VOLUME_NAMES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
@@ -214,7 +216,7 @@ def read_cases(path: PathLike) -> list[CaseRecord]:
     """Cases from a CSV list or a folder.
 
     CSV columns: ``case_id, ct, liver`` and optional ``lesion`` (label map, values 2-5),
-    ``slice_labels`` (CSV of slice_index,label), ``patient_id``, ``group``, ``split``; paths are
+    ``slice_labels`` (CSV of slice_index,label), ``patient_id``, ``group``, ``split``, ``subgroup``; paths are
     relative to the CSV's folder. The phantom writer's ``cases.csv`` (a ``path`` column naming a
     folder with ct/liver/lesion.nii.gz) is read too. A folder is read through its ``cases.csv``,
     else every sub-folder holding ``ct.*`` (or ``dicom/``) and ``liver.*`` is a case.
@@ -263,7 +265,10 @@ def read_cases(path: PathLike) -> list[CaseRecord]:
         if split and split not in SPLITS:
             raise UserInputError(f"{path} line {n}: split {split!r} must be one of {', '.join(SPLITS)}")
         group = (row.get("group") or row.get("source") or "").strip()
-        records.append(CaseRecord(case_id, ct, liver, lesion, table, (row.get("patient_id") or "").strip(), group, split))
+        subgroup = (row.get("subgroup") or "").strip()
+        if not subgroup and "hard" in cols and (row.get("hard") or "").strip() in ("0", "1"):  # the phantom writer's list
+            subgroup = "hard" if row["hard"].strip() == "1" else "regular"
+        records.append(CaseRecord(case_id, ct, liver, lesion, table, (row.get("patient_id") or "").strip(), group, split, subgroup))
     ids = [r.case_id for r in records]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -282,6 +287,7 @@ def prepare_case(
     patient_id: str = "",
     group: str = "",
     split: str = "",
+    subgroup: str = "",
 ) -> CaseVolumes:
     """Reorient to the pipeline's axial frame, merge lesions into the liver, label the slices."""
     from .orientation import to_axial_frame
@@ -318,7 +324,7 @@ def prepare_case(
     input_k = None
     if frame.slice_axis_is_axial:
         input_k = np.arange(n_k)[::-1].copy() if frame.flip[0] else np.arange(n_k)
-    return CaseVolumes(case_id, axial, axial.with_array(liv), lesion_vol, labels, input_k, patient_id or case_id, group, split)
+    return CaseVolumes(case_id, axial, axial.with_array(liv), lesion_vol, labels, input_k, patient_id or case_id, group, split, subgroup)
 
 
 def load_case(record: CaseRecord, rule: SliceRule = SliceRule()) -> CaseVolumes:
@@ -335,7 +341,7 @@ def load_case(record: CaseRecord, rule: SliceRule = SliceRule()) -> CaseVolumes:
         lesion = lesion.with_array(arr.astype(np.uint8))
     table = read_slice_label_table(record.slice_labels, ct.shape[0]) if record.slice_labels is not None else None
     return prepare_case(record.case_id, ct, liver, lesion, table, rule, patient_id=record.patient_id,
-                        group=record.group, split=record.split)
+                        group=record.group, split=record.split, subgroup=record.subgroup)
 
 
 @dataclass
@@ -384,12 +390,21 @@ def synthetic_cases(
                                 "test" if name in real_holdout else "", case.meta)
 
 
+def synthetic_subgroup(case: SyntheticCase) -> str:
+    """The generator's record, so that the deliberately hard cases are reported apart: "hard" when
+    it drew the case or any of its lesions hard (small, faint, at the edge, a look-alike), else
+    "regular"; "" for a case without that record."""
+    if "hard" not in case.meta:
+        return ""
+    return "hard" if case.meta["hard"] else "regular"
+
+
 def prepare_synthetic(case: SyntheticCase, rule: SliceRule = SliceRule()) -> CaseVolumes:
     return prepare_case(case.case_id, case.ct, case.liver, case.lesion, None, rule,
-                        patient_id=case.patient_id, group=case.group, split=case.split)
+                        patient_id=case.patient_id, group=case.group, split=case.split, subgroup=synthetic_subgroup(case))
 
 
-CSV_COLUMNS = ("case_id", "ct", "liver", "lesion", "slice_labels", "patient_id", "group", "split")
+CSV_COLUMNS = ("case_id", "ct", "liver", "lesion", "slice_labels", "patient_id", "group", "split", "subgroup")
 
 
 def generator_fingerprint() -> dict[str, str]:
@@ -421,7 +436,7 @@ def write_dataset(out_dir: PathLike, cases: Iterable[SyntheticCase], *, overwrit
         rows.append({
             "case_id": case.case_id, "ct": f"{case.case_id}/ct.nii.gz", "liver": f"{case.case_id}/liver.nii.gz",
             "lesion": f"{case.case_id}/lesion.nii.gz", "slice_labels": "", "patient_id": case.patient_id,
-            "group": case.group, "split": case.split,
+            "group": case.group, "split": case.split, "subgroup": synthetic_subgroup(case),
         })
         if progress is not None:
             progress(n, case.case_id)
@@ -473,7 +488,7 @@ class SliceCache:
     case: np.ndarray
     slice_index: np.ndarray
     input_slice_index: np.ndarray
-    cases: list[dict[str, Any]]  # case_id, patient_id, group, split, case_class, box, n_excluded, spacing
+    cases: list[dict[str, Any]]  # case_id, patient_id, group, split, subgroup, case_class, box, n_excluded, spacing
     masks: dict[int, np.ndarray] = field(default_factory=dict)  # sample -> (3, bh, bw) uint8
     source: dict[str, Any] = field(default_factory=dict)
 
@@ -637,6 +652,7 @@ def build_cache(
             "patient_id": cv.patient_id or cv.case_id,
             "group": cv.group,
             "split": cv.split,
+            "subgroup": cv.subgroup,
             "case_class": _case_class(lab),
             "box": [box.j0, box.j1, box.i0, box.i1],
             "n_slices": int(keep.size),

@@ -67,6 +67,7 @@ class EvalResult:
     centre_hit: np.ndarray  # (N,) hot-spot centre of the predicted-class CAM inside the dilated lesion
     cam_threshold: float = 0.5
     patient_id: Optional[np.ndarray] = None  # (N,) str; None: each case its own patient
+    subgroup: Optional[np.ndarray] = None  # (N,) str, "" where none (e.g. a phantom's "hard" / "regular")
     summary: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -207,6 +208,7 @@ def evaluate_cache(
         centre_hit=centre_hit,
         cam_threshold=cam_threshold,
         patient_id=np.array([cache.cases[c].get("patient_id") or cache.cases[c]["case_id"] for c in case_of], dtype=object),
+        subgroup=np.array([cache.cases[c].get("subgroup") or "" for c in case_of], dtype=object),
     )
     result.summary = summarise(result)
     return result
@@ -250,8 +252,15 @@ def summarise(r: EvalResult) -> dict[str, Any]:
     if unscored:
         out["note"] = f"{unscored} lesion slices have no lesion outline (slice-label tables): their localization is not scored"
     groups = sorted(set(r.group.tolist()) - {""})
+    scopes: dict[str, Any] = {}
     if len(groups) > 1 or (groups and (r.group == "").any()):
-        out["groups"] = {g: _scope_summary(r, r.group == g) for g in groups}
+        scopes = {g: _scope_summary(r, r.group == g) for g in groups}
+    if r.subgroup is not None:
+        for g, sg in sorted(set(zip(r.group.tolist(), r.subgroup.tolist()))):
+            if sg:
+                scopes[f"{g} / {sg}" if g else sg] = _scope_summary(r, (r.group == g) & (r.subgroup == sg))
+    if scopes:
+        out["groups"] = scopes
     return out
 
 
