@@ -6,6 +6,7 @@ neither the real wheels nor a GPU.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,27 @@ def test_packing_refuses_without_wheels(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode != 0
     assert "no wheels in .whl/" in out.stderr and "pip download" in out.stderr
+
+
+@pytest.mark.slow
+def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
+    """The script a lent GPU's scarce minutes depend on, run whole here: time-boxed phantom sets,
+    merge, training against its deadline, test evaluation, and what it sends back."""
+    import json
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+           "DEVICE": "cpu", "BENCH": "0", "SIZE": "32", "WIDTH": "0.125", "BATCH": "8", "PROCS": "2",
+           "DATA_S": "1", "CHUNK": "5", "REAL": "", "BUDGET_S": "60", "SEED0": "9001",
+           "WORK": str(work), "OUT": str(out), "SITE": str(tmp_path / "site")}
+    run = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "phantom seeds used: 9001-9002 (2 sets)" in run.stdout  # one set per generator: the deadline had passed
+    assert "training exit 0" in run.stdout and "accuracy" in run.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["best.json", "best.safetensors", "results.tgz"]
+    card = json.loads((out / "best.json").read_text())
+    assert [d["phantom_seed"] for d in card["training"]["data"]["merged"]] == [9001, 9002]
+    assert card["metrics"]["test"]["all"]["slices"] > 0
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+    assert "logs/session.txt" in names and "train/split.csv" in names

@@ -4,7 +4,9 @@
 # from phantoms generated on the spot, within a fixed deadline. Figures and weights land in $OUT.
 #
 # Environment: OUT (results), BUDGET_S (wall seconds for everything, default 540), PROCS (parallel
-# phantom generators, default: CPU count), CASES_PER_PROC (default 60), SEED0 (first phantom seed),
+# phantom generators, default: CPU count), CASES_PER_PROC (default 60), DATA_S (instead: each
+# generator makes sets of CHUNK phantoms, default 10, until DATA_S seconds have passed, so that the
+# data fills the time a machine of unknown speed allows), SEED0 (first phantom seed),
 # SIZE / WIDTH / BATCH / LR (model input side, backbone width, batch, peak learning rate),
 # DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2), REAL (a folder of real
 # cases to paint lesions into, default .device-carry/real; empty: phantoms only), REAL_ROUNDS
@@ -55,17 +57,28 @@ if [ "$BENCH" = 1 ]; then
 fi
 if [ "$TRAIN" != 1 ]; then log "done"; exit 0; fi
 
-# 2. Training data: PROCS generators of CASES_PER_PROC phantoms each (own seeds), sliced into a cache
+# 2. Training data: PROCS generators of CASES_PER_PROC phantoms each, or of sets of CHUNK until
+#    DATA_S has passed (each set its own seed), sliced into a cache
 #    at SIZE in memory (no NIfTI written and read back: 1.6x the cases per second, same slices as
 #    `dataset phantoms` + `dataset cache --data`), then one merged cache.
-log "phantoms: $PROCS x $CASES_PER_PROC cases"
 # One thread per generator: PROCS processes with torch's default of one thread per core each
 # would oversubscribe the cores PROCS times over (on 2 cores, 2 generators: 8-15 % faster so).
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-for i in $(seq 0 $((PROCS - 1))); do
-  "${DADRN[@]}" dataset cache --phantoms "$CASES_PER_PROC" --phantom-seed $((SEED0 + i)) --cache "$WORK/cache/p$i" \
-      --input-size "$SIZE" --quiet >"$WORK/logs/data_p$i.txt" 2>&1 &
-done
+phantom_set() {  # seed cases
+  "${DADRN[@]}" dataset cache --phantoms "$2" --phantom-seed "$1" --cache "$WORK/cache/p$1" \
+      --input-size "$SIZE" --quiet >>"$WORK/logs/data_p$1.txt" 2>&1
+}
+if [ -n "${DATA_S:-}" ]; then
+  CHUNK=${CHUNK:-10}
+  DATA_END=$(( $(date +%s) + DATA_S ))
+  log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s"
+  for i in $(seq 0 $((PROCS - 1))); do
+    ( r=0; while [ "$(date +%s)" -lt "$DATA_END" ]; do phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK"; r=$((r + 1)); done ) &
+  done
+else
+  log "phantoms: $PROCS x $CASES_PER_PROC cases"
+  for i in $(seq 0 $((PROCS - 1))); do phantom_set $((SEED0 + i)) "$CASES_PER_PROC" & done
+fi
 # The real scans with lesions painted in (their own patients for the split; REAL_HOLDOUT's cases
 # go to the test split only), generated beside the phantoms; a warm machine's previous cache
 # already holds them (their case ids do not depend on the seed).
@@ -76,7 +89,9 @@ if [ -n "$REAL" ] && [ -d "$REAL" ] && [ ! -f "$WORK/cache/all/cache.json" ]; th
 fi
 wait
 parts=()
-for i in $(seq 0 $((PROCS - 1))); do [ -f "$WORK/cache/p$i/cache.json" ] && parts+=("$WORK/cache/p$i"); done
+for d in "$WORK"/cache/p[0-9]*; do [ -f "$d/cache.json" ] && parts+=("$d"); done
+seeds=$(for d in "${parts[@]}"; do b=$(basename "$d"); [ "${b#p}" != "$b" ] && echo "${b#p}"; done | sort -n)
+[ -n "$seeds" ] && log "phantom seeds used: $(echo "$seeds" | head -1)-$(echo "$seeds" | tail -1) ($(echo "$seeds" | wc -l) sets); the next session's SEED0 must lie above"
 [ -f "$WORK/cache/real/cache.json" ] && parts+=("$WORK/cache/real")
 # A warm machine keeps the last run's merged cache: its cases join this run's.
 [ -f "$WORK/cache/all/cache.json" ] && mv "$WORK/cache/all" "$WORK/cache/previous" && parts+=("$WORK/cache/previous")
@@ -100,7 +115,8 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on $SOURCES; n
     --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \
     --time-limit "$MINUTES" --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
     ${INIT:+--init-weights "$INIT"} --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
-log "training exit $?"
+TRAIN_RC=$?
+log "training exit $TRAIN_RC"
 grep -E "^epoch " "$WORK/logs/train.txt" | tail -4; tail -22 "$WORK/logs/train.txt"
 # The starting weights on the same test split: whether this run improved on them.
 if [ -n "$INIT" ] && [ -f "$WORK/train/split.csv" ]; then
@@ -115,3 +131,4 @@ cp "$WORK/train/best.safetensors" "$WORK/train/best.json" "$OUT/" 2>/dev/null
 tar -czf "$OUT/results.tgz" -C "$WORK" logs $(cd "$WORK" && ls -d train/metrics.csv train/curves.png train/summary.json \
     train/split.csv train/train_config.json train/test train/test_init 2>/dev/null)
 log "done"
+exit "$TRAIN_RC"  # a session whose training failed brings nothing worth keeping: say so

@@ -116,7 +116,8 @@ def _span(v: Optional[list[float]]) -> str:
 
 def format_interval(ci: dict[str, Any]) -> str:
     """Two report lines: the intervals of the headline figures and of the pointing game."""
-    head = f"{100 * ci['level']:.0f}% interval ({ci['n_resamples']} resamples of {ci['patients']} patients)"
+    who = f"{ci['patients']} patient{'' if ci['patients'] == 1 else 's'}"
+    head = f"{100 * ci['level']:.0f}% interval ({ci['n_resamples']} resamples of {who})"
     if ci["accuracy"] is None:
         return head + ": none (fewer than two patients)"
     return (
