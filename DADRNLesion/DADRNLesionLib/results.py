@@ -90,12 +90,10 @@ def study_summary(results: Sequence[SliceResult]) -> dict[str, Any]:
     if n_lesion == 0:
         return {"finding": "no lesion slices", "dominant_class": None, "slices": [], "class_counts": counts, "regions": []}
 
-    def summed(c: str) -> float:
-        return sum(float(s.probabilities[CLASS_NAMES.index(c)]) for s in results)
-
-    dominant = max(LESION_CLASSES, key=lambda c: (counts[c], summed(c)))
+    summed = {c: sum(float(s.probabilities[CLASS_NAMES.index(c)]) for s in results) for c in LESION_CLASSES}
+    dominant = max(LESION_CLASSES, key=lambda c: (counts[c], summed[c]))
     name = LABEL_BY_KEY[dominant].name
-    others = sorted((c for c in LESION_CLASSES if c != dominant and counts[c]), key=lambda c: (-counts[c], -summed(c)))
+    others = sorted((c for c in LESION_CLASSES if c != dominant and counts[c]), key=lambda c: (-counts[c], -summed[c]))
     if others:
         also = ", ".join(f"{LABEL_BY_KEY[c].name} {counts[c]}" for c in others)
         finding = f"{name} on {counts[dominant]} of {n_lesion} lesion slices (also {also})"
