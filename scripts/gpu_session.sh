@@ -10,7 +10,8 @@
 # SIZE / WIDTH / BATCH / LR (model input side, backbone width, batch, peak learning rate),
 # DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2), REAL (a folder of real
 # cases to paint lesions into, default .device-carry/real; empty: phantoms only), REAL_ROUNDS
-# (lesion draws per real scan and class, default 6), REAL_HOLDOUT (real scans kept for the test
+# (lesion draws per real scan and class, default 6), REAL_SEED (their lesion draws, default SEED0, so
+# that a fine-tuning session paints lesions its starting weights never saw), REAL_HOLDOUT (real scans kept for the test
 # split, default ts_native_sm), INIT (weights to start from, e.g. the shipped model, with new SEED0
 # so that every test case is new to both runs; default: from scratch). SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
@@ -31,6 +32,7 @@ BENCH=${BENCH:-1}
 TRAIN=${TRAIN:-1}
 REAL=${REAL-.device-carry/real}
 REAL_ROUNDS=${REAL_ROUNDS:-6}
+REAL_SEED=${REAL_SEED:-$SEED0}
 REAL_HOLDOUT=${REAL_HOLDOUT:-ts_native_sm}
 INIT=${INIT:-}
 WORK=${WORK:-/tmp/gpu-work}
@@ -83,8 +85,8 @@ fi
 # go to the test split only), generated beside the phantoms; a warm machine's previous cache
 # already holds them (their case ids do not depend on the seed).
 if [ -n "$REAL" ] && [ -d "$REAL" ] && [ ! -f "$WORK/cache/all/cache.json" ]; then
-  log "real backgrounds: $REAL, $REAL_ROUNDS rounds, held out: $REAL_HOLDOUT"
-  "${DADRN[@]}" dataset cache --phantoms 0 --phantom-seed 31 --real-background "$REAL" --real-rounds "$REAL_ROUNDS" \
+  log "real backgrounds: $REAL, $REAL_ROUNDS rounds of seed $REAL_SEED, held out: $REAL_HOLDOUT"
+  "${DADRN[@]}" dataset cache --phantoms 0 --phantom-seed "$REAL_SEED" --real-background "$REAL" --real-rounds "$REAL_ROUNDS" \
       --real-holdout $REAL_HOLDOUT --cache "$WORK/cache/real" --input-size "$SIZE" --quiet >"$WORK/logs/data_real.txt" 2>&1 &
 fi
 wait
