@@ -55,15 +55,25 @@ def test_interval_holds_the_estimate_and_is_wider_when_slices_cluster_by_patient
 
 
 def test_pointing_interval_counts_only_scored_slices_of_the_class():
-    # Two cyst patients: one with all hits, one with all misses whose slices are unscored.
-    patient = ["a"] * 4 + ["b"] * 4
-    y = [1] * 8
-    hits = [True] * 4 + [False] * 4
-    scored = [True] * 4 + [False] * 4
+    # Three cyst patients: two with all hits, one with all misses whose slices are unscored.
+    patient = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    y = [1] * 12
+    hits = [True] * 4 + [False] * 4 + [True] * 4
+    scored = [True] * 4 + [False] * 4 + [True] * 4
     ci = patient_bootstrap(patient, y, y, hits, scored, n_resamples=200)
     assert ci["pointing"]["cyst"] == [1.0, 1.0]
     assert ci["pointing"]["hcc"] is None  # no hcc slices at all
     assert ci["class_accuracy"]["normal"] is None
+
+
+def test_a_figure_from_one_patient_gets_no_interval():
+    # Normal slices and scored cyst slices from patient "a" only: resampling cannot say how they vary.
+    patient = ["a"] * 4 + ["b"] * 4 + ["c"] * 4
+    y = [0, 0, 1, 1] + [1] * 8
+    scored = [False, False, True, True] + [False] * 8
+    ci = patient_bootstrap(patient, y, y, [s for s in scored], scored, n_resamples=200)
+    assert ci["class_accuracy"]["normal"] is None and ci["pointing"]["cyst"] is None
+    assert ci["class_accuracy"]["cyst"] == [1.0, 1.0] and ci["accuracy"] == [1.0, 1.0]
 
 
 def test_one_patient_gives_no_interval_and_bad_arguments_are_refused():

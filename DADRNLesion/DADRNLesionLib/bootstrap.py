@@ -12,13 +12,13 @@ anatomy.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 
 from .classes import CLASS_NAMES, LESION_CLASSES
 
-__all__ = ["patient_bootstrap", "format_interval"]
+__all__ = ["patient_bootstrap", "paired_bootstrap", "format_interval"]
 
 N_CLASSES = len(CLASS_NAMES)
 
@@ -35,6 +35,51 @@ def _macro_f1(cm: np.ndarray) -> np.ndarray:
     present = true_n > 0
     counted = present.sum(axis=1)
     return np.where(counted > 0, np.where(present, f1, 0.0).sum(axis=1) / np.maximum(counted, 1), np.nan)
+
+
+class _PatientCounts(NamedTuple):
+    """Per-patient sums from which every figure of a resample follows by one matrix product."""
+
+    confusion: np.ndarray  # (patients, classes * classes)
+    pointing_n: np.ndarray  # (patients, lesion classes): scored slices
+    pointing_hit: np.ndarray  # (patients, lesion classes): of those, hits
+
+    @classmethod
+    def of(cls, patient: np.ndarray, n_pat: int, y: np.ndarray, p: np.ndarray, hit: np.ndarray, ok: np.ndarray) -> "_PatientCounts":
+        cm = np.zeros((n_pat, N_CLASSES * N_CLASSES), np.float64)
+        np.add.at(cm, (patient, y * N_CLASSES + p), 1.0)
+        point_n = np.zeros((n_pat, len(LESION_CLASSES)), np.float64)
+        point_hit = np.zeros_like(point_n)
+        for j, c in enumerate(CLASS_NAMES.index(c) for c in LESION_CLASSES):
+            sel = (y == c) & ok
+            np.add.at(point_n[:, j], patient[sel], 1.0)
+            np.add.at(point_hit[:, j], patient[sel], hit[sel].astype(np.float64))
+        return cls(cm, point_n, point_hit)
+
+    def class_patients(self) -> np.ndarray:
+        """(classes,) how many patients hold slices of each class."""
+        return (self.confusion.reshape(-1, N_CLASSES, N_CLASSES).sum(axis=2) > 0).sum(axis=0)
+
+    def pointing_patients(self) -> np.ndarray:
+        """(lesion classes,) how many patients hold scored slices of each lesion class."""
+        return (self.pointing_n > 0).sum(axis=0)
+
+
+def _resample_weights(n_pat: int, n_resamples: int, seed: int) -> np.ndarray:
+    """(n_resamples, n_pat) multiplicities: how often each patient is drawn in each resample."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=int(n_resamples)).astype(np.float64)
+
+
+def _resampled_figures(weights: np.ndarray, counts: _PatientCounts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy (B,), macro F1 (B,), class recall (B, classes) and pointing (B, lesion classes) of each resample."""
+    cms = (weights @ counts.confusion).reshape(-1, N_CLASSES, N_CLASSES)
+    total = cms.sum(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracy = np.trace(cms, axis1=1, axis2=2) / total
+        recall = np.diagonal(cms, axis1=1, axis2=2) / cms.sum(axis=2)
+        pointing = (weights @ counts.pointing_hit) / (weights @ counts.pointing_n)
+    return accuracy, _macro_f1(cms), recall, pointing
 
 
 def _interval(samples: np.ndarray, level: float) -> Optional[list[float]]:
@@ -84,30 +129,88 @@ def patient_bootstrap(
              "pointing": {c: None for c in LESION_CLASSES}}
     if n_pat < 2:
         return {**out, **empty}
-    # Per-patient counts; a resample is a vector of patient multiplicities, so its counts are one
-    # matrix product away.
-    cm = np.zeros((n_pat, N_CLASSES * N_CLASSES), np.float64)
-    np.add.at(cm, (patient, y * N_CLASSES + p), 1.0)
-    lesion_of = [CLASS_NAMES.index(c) for c in LESION_CLASSES]
-    point_n = np.zeros((n_pat, len(lesion_of)), np.float64)
-    point_hit = np.zeros_like(point_n)
-    for j, c in enumerate(lesion_of):
-        sel = (y == c) & ok
-        np.add.at(point_n[:, j], patient[sel], 1.0)
-        np.add.at(point_hit[:, j], patient[sel], hit[sel].astype(np.float64))
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n_pat, np.full(n_pat, 1.0 / n_pat), size=int(n_resamples)).astype(np.float64)
-    cms = (weights @ cm).reshape(-1, N_CLASSES, N_CLASSES)
-    total = cms.sum(axis=(1, 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        accuracy = np.trace(cms, axis1=1, axis2=2) / total
-        recall = np.diagonal(cms, axis1=1, axis2=2) / cms.sum(axis=2)
-        pointing = (weights @ point_hit) / (weights @ point_n)
+    weights = _resample_weights(n_pat, n_resamples, seed)
+    counts = _PatientCounts.of(patient, n_pat, y, p, hit, ok)
+    accuracy, macro_f1, recall, pointing = _resampled_figures(weights, counts)
+    by_class, by_pointing = counts.class_patients(), counts.pointing_patients()
     out["accuracy"] = _interval(accuracy, level)
-    out["macro_f1"] = _interval(_macro_f1(cms), level)
-    out["class_accuracy"] = {name: _interval(recall[:, i], level) for i, name in enumerate(CLASS_NAMES)}
-    out["pointing"] = {name: _interval(pointing[:, j], level) for j, name in enumerate(LESION_CLASSES)}
+    out["macro_f1"] = _interval(macro_f1, level)
+    # A class seen in one patient only has nothing to resample either: no interval rather than a point.
+    out["class_accuracy"] = {name: _interval(recall[:, i], level) if by_class[i] >= 2 else None for i, name in enumerate(CLASS_NAMES)}
+    out["pointing"] = {name: _interval(pointing[:, j], level) if by_pointing[j] >= 2 else None
+                       for j, name in enumerate(LESION_CLASSES)}
     return out
+
+
+def paired_bootstrap(
+    patient_ids: Sequence[str],
+    labels: Sequence[int],
+    predicted_a: Sequence[int],
+    predicted_b: Sequence[int],
+    hits_a: Sequence[bool],
+    hits_b: Sequence[bool],
+    scored: Sequence[bool],
+    *,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Model B against model A on the same slices: each figure of both, B - A, and the percentile
+    interval of B - A with the *same* patients drawn for both in every resample.
+
+    Pairing is what makes a small difference visible: the two models share the hard and the easy
+    patients, so most of the spread of either figure cancels in their difference, and two
+    overlapping intervals can still hide a clear difference. ``sign`` is +1 where the interval
+    lies above 0 (B higher), -1 where it lies below, 0 where it holds 0 or is undefined (a figure
+    whose slices come from fewer than two patients has no interval)."""
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie between 0 and 1, not {level}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, not {n_resamples}")
+    pid = np.asarray(patient_ids, dtype=object)
+    y = np.asarray(labels, dtype=np.int64)
+    arrays = [np.asarray(predicted_a, dtype=np.int64), np.asarray(predicted_b, dtype=np.int64),
+              np.asarray(hits_a, dtype=bool), np.asarray(hits_b, dtype=bool), np.asarray(scored, dtype=bool)]
+    if any(a.shape != y.shape for a in arrays) or pid.shape != y.shape:
+        raise ValueError("patient_ids, labels, predictions, hits and scored must have one entry per slice")
+    pa, pb, hit_a, hit_b, ok = arrays
+    names, patient = np.unique(pid.astype(str), return_inverse=True)
+    n_pat = names.size
+    counts_a = _PatientCounts.of(patient, n_pat, y, pa, hit_a, ok)
+    counts_b = _PatientCounts.of(patient, n_pat, y, pb, hit_b, ok)
+    ones = np.ones((1, n_pat))
+    point_a, point_b = _resampled_figures(ones, counts_a), _resampled_figures(ones, counts_b)
+    if n_pat >= 2:
+        weights = _resample_weights(n_pat, n_resamples, seed)
+        draws_a, draws_b = _resampled_figures(weights, counts_a), _resampled_figures(weights, counts_b)
+    else:
+        draws_a = draws_b = None
+
+    contributing = [n_pat, n_pat, counts_a.class_patients(), counts_a.pointing_patients()]
+
+    def figure(k: int, column: Optional[int]) -> dict[str, Any]:
+        def pick(arrays: tuple[np.ndarray, ...]) -> np.ndarray:
+            return arrays[k] if column is None else arrays[k][:, column]
+
+        a, b = float(pick(point_a)[0]), float(pick(point_b)[0])
+        patients = contributing[k] if column is None else contributing[k][column]
+        ci = None if draws_a is None or patients < 2 else _interval(pick(draws_b) - pick(draws_a), level)
+        sign = 0 if ci is None else (1 if ci[0] > 0 else -1 if ci[1] < 0 else 0)
+        finite = np.isfinite(a) and np.isfinite(b)
+        return {"a": a if np.isfinite(a) else None, "b": b if np.isfinite(b) else None,
+                "difference": b - a if finite else None, "interval": ci, "sign": sign}
+
+    return {
+        "method": "paired percentile interval of B - A, patients resampled with replacement (the same draw for both models)",
+        "level": level,
+        "n_resamples": int(n_resamples),
+        "patients": int(n_pat),
+        "slices": int(y.size),
+        "accuracy": figure(0, None),
+        "macro_f1": figure(1, None),
+        "class_accuracy": {name: figure(2, i) for i, name in enumerate(CLASS_NAMES)},
+        "pointing": {name: figure(3, j) for j, name in enumerate(LESION_CLASSES)},
+    }
 
 
 def _span(v: Optional[list[float]]) -> str:

@@ -17,7 +17,7 @@ from .errors import Cancelled, UserInputError
 
 __all__ = ["main", "COMMANDS", "add_common_options"]
 
-COMMANDS = ["classify", "demo", "devices", "bench", "dataset", "train", "evaluate", "phantom", "compare", "liver"]
+COMMANDS = ["classify", "demo", "devices", "bench", "dataset", "train", "evaluate", "phantom", "compare", "liver", "compare-evaluations"]
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_OOM, EXIT_PARTIAL, EXIT_CANCELLED = 1, 2, 3, 4, 130
 
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:
-        module = importlib.import_module(f"{__package__}.commands.{name}")
+        module = importlib.import_module(f"{__package__}.commands.{name.replace('-', '_')}")
         module.add_parser(sub)
     return parser
 

@@ -339,7 +339,8 @@ def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path
         w = csv.writer(fh)
         w.writerow(["case_id", "group", "slice_index", "axial_frame_slice_index", "label", "predicted", *(f"p_{c}" for c in CLASS_NAMES),
                     "pointing_hit", "cam_iou", "pointing_hit_true_class", "axial_frame_cam_peak_i", "axial_frame_cam_peak_j",
-                    "hot_spot_centre_hit"])
+                    "hot_spot_centre_hit", "patient_id", "subgroup"])
+        patients = result.patients
         for n in range(result.labels.size):
             lesion = bool(result.scored[n])
             w.writerow([
@@ -350,6 +351,7 @@ def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path
                 int(result.hit_true[n]) if lesion else "",
                 int(result.peak_ij[n, 0]) if result.peak_ij[n, 0] >= 0 else "", int(result.peak_ij[n, 1]) if result.peak_ij[n, 1] >= 0 else "",
                 int(result.centre_hit[n]) if lesion else "",
+                patients[n], "" if result.subgroup is None else result.subgroup[n],
             ])
     plot_confusion(np.array(result.summary["all"]["classification"]["confusion_matrix"]), out / "confusion.png",
                    f"{title} (all)" if title else "")
