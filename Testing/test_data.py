@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -250,3 +251,35 @@ def test_caches_merge_and_thin_without_losing_lesion_slices_or_their_outlines():
     for new, old in zip(np.flatnonzero(thin.labels > 0), np.flatnonzero(m.labels > 0)):
         assert np.array_equal(thin.masks[int(new)], m.masks[int(old)])
         assert np.array_equal(thin.images[new], m.images[old])
+
+
+def test_automatic_liver_source_masks_with_the_pipelines_own_liver_and_keeps_lesions_out_of_it():
+    from DADRNLesionLib.liver import segment_liver
+    from DADRNLesionLib.orientation import to_axial_frame
+    from DADRNLesionLib.phantom import generate_case
+
+    case = generate_case(1003, "hcc", matrix=128)
+    ref = D.prepare_case(case.case_id, case.ct, case.liver, case.lesion)
+    auto = D.prepare_case(case.case_id, case.ct, case.liver, case.lesion, liver_source="automatic")
+    axial, _ = to_axial_frame(case.ct)
+    expected = segment_liver(axial).array > 0
+    np.testing.assert_array_equal(auto.liver.array > 0, expected)  # exactly what `classify` would use
+    assert not np.array_equal(auto.liver.array, ref.liver.array)
+    # The lesion map is the same truth either way; only slices the automatic mask reaches are labelled.
+    np.testing.assert_array_equal(auto.lesion.array, ref.lesion.array)
+    reached = expected.reshape(expected.shape[0], -1).any(axis=1)
+    assert (auto.labels[~reached] == D.IGNORE).all()
+    assert (auto.labels == CLASS_NAMES.index("hcc")).any()
+    with pytest.raises(UserInputError, match="liver source 'ai'"):
+        D.prepare_case(case.case_id, case.ct, case.liver, case.lesion, liver_source="ai")
+
+
+def test_a_cache_of_reference_masks_is_not_reused_for_the_automatic_source(tmp_path):
+    from DADRNLesionLib.cli import main
+
+    common = ["dataset", "cache", "--phantoms", "1", "--phantom-seed", "3", "--cache", str(tmp_path / "c"), "--input-size", "32", "--quiet"]
+    assert main(common) == 0
+    first = json.loads((tmp_path / "c" / "cache.json").read_text())
+    assert main(common + ["--liver-source", "automatic"]) == 0
+    second = json.loads((tmp_path / "c" / "cache.json").read_text())
+    assert second["source"]["liver"] == {"source": "automatic"} and "liver" not in first["source"]

@@ -13,7 +13,10 @@
 # (lesion draws per real scan and class, default 6), REAL_SEED (their lesion draws, default SEED0, so
 # that a fine-tuning session paints lesions its starting weights never saw), REAL_HOLDOUT (real scans kept for the test
 # split, default ts_native_sm), INIT (weights to start from, e.g. the shipped model, with new SEED0
-# so that every test case is new to both runs; default: from scratch). SimpleITK, slicerio and
+# so that every test case is new to both runs; default: from scratch), LIVER_SOURCE (the liver mask
+# the phantom slices are masked with: reference, the generator's own; automatic, the mask `classify`
+# makes, so that the model learns the masks it meets in use; mixed, every other generator automatic;
+# default reference; the real scans keep their reference masks). SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
 # with scripts/pack_device_carry.sh).
 set -uo pipefail
@@ -35,6 +38,7 @@ REAL_ROUNDS=${REAL_ROUNDS:-6}
 REAL_SEED=${REAL_SEED:-$SEED0}
 REAL_HOLDOUT=${REAL_HOLDOUT:-ts_native_sm}
 INIT=${INIT:-}
+LIVER_SOURCE=${LIVER_SOURCE:-reference}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
@@ -66,20 +70,23 @@ if [ "$TRAIN" != 1 ]; then log "done"; exit 0; fi
 # One thread per generator: PROCS processes with torch's default of one thread per core each
 # would oversubscribe the cores PROCS times over (on 2 cores, 2 generators: 8-15 % faster so).
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
-phantom_set() {  # seed cases
-  "${DADRN[@]}" dataset cache --phantoms "$2" --phantom-seed "$1" --cache "$WORK/cache/p$1" \
+phantom_set() {  # seed cases liver-source
+  "${DADRN[@]}" dataset cache --phantoms "$2" --phantom-seed "$1" --cache "$WORK/cache/p$1" --liver-source "$3" \
       --input-size "$SIZE" --quiet >>"$WORK/logs/data_p$1.txt" 2>&1
+}
+liver_source_of() {  # generator index
+  case "$LIVER_SOURCE" in mixed) [ $(($1 % 2)) = 1 ] && echo automatic || echo reference ;; *) echo "$LIVER_SOURCE" ;; esac
 }
 if [ -n "${DATA_S:-}" ]; then
   CHUNK=${CHUNK:-10}
   DATA_END=$(( $(date +%s) + DATA_S ))
-  log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s"
+  log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s, liver masks: $LIVER_SOURCE"
   for i in $(seq 0 $((PROCS - 1))); do
-    ( r=0; while [ "$(date +%s)" -lt "$DATA_END" ]; do phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK"; r=$((r + 1)); done ) &
+    ( r=0; while [ "$(date +%s)" -lt "$DATA_END" ]; do phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK" "$(liver_source_of $i)"; r=$((r + 1)); done ) &
   done
 else
-  log "phantoms: $PROCS x $CASES_PER_PROC cases"
-  for i in $(seq 0 $((PROCS - 1))); do phantom_set $((SEED0 + i)) "$CASES_PER_PROC" & done
+  log "phantoms: $PROCS x $CASES_PER_PROC cases, liver masks: $LIVER_SOURCE"
+  for i in $(seq 0 $((PROCS - 1))); do phantom_set $((SEED0 + i)) "$CASES_PER_PROC" "$(liver_source_of $i)" & done
 fi
 # The real scans with lesions painted in (their own patients for the split; REAL_HOLDOUT's cases
 # go to the test split only), generated beside the phantoms; a warm machine's previous cache

@@ -64,11 +64,13 @@ __all__ = [
     "read_split",
     "write_split",
     "SPLITS",
+    "LIVER_SOURCES",
 ]
 
 PathLike = Union[str, os.PathLike]
 IGNORE = -1
 SPLITS = ("train", "val", "test")
+LIVER_SOURCES = ("reference", "automatic")  # the data's liver masks, or the one `classify` makes
 CACHE_FORMAT = 1
 POINTING_DILATION_VOXELS = 2
 
@@ -288,19 +290,33 @@ def prepare_case(
     group: str = "",
     split: str = "",
     subgroup: str = "",
+    liver_source: str = "reference",
 ) -> CaseVolumes:
-    """Reorient to the pipeline's axial frame, merge lesions into the liver, label the slices."""
+    """Reorient to the pipeline's axial frame, merge lesions into the liver, label the slices.
+
+    `liver_source` "automatic" masks the slices with the liver mask `classify` makes itself
+    (`liver.segment_liver`, as the pipeline calls it) instead of the reference `liver`, and does not
+    merge the lesions into it: the model then sees what it sees in use, and a lesion that mask
+    leaves out stays out. Slices the automatic mask does not reach are not in the case."""
     from .orientation import to_axial_frame
 
+    if liver_source not in LIVER_SOURCES:
+        raise UserInputError(f"liver source {liver_source!r}: choose one of {', '.join(LIVER_SOURCES)}")
     ct.require_same_geometry(liver, f"liver mask of case {case_id}")
     axial, frame = to_axial_frame(ct)
-    liv = np.ascontiguousarray(frame.to_canonical(np.asarray(liver.array) > 0))
+    if liver_source == "automatic":
+        from .liver import segment_liver
+
+        liv = np.ascontiguousarray(segment_liver(axial).array > 0)
+    else:
+        liv = np.ascontiguousarray(frame.to_canonical(np.asarray(liver.array) > 0))
     les = None
     if lesion is not None:
         ct.require_same_geometry(lesion, f"lesion map of case {case_id}")
         les = np.ascontiguousarray(frame.to_canonical(np.asarray(lesion.array)).astype(np.uint8))
-        # The input is the liver-masked slice: a lesion the liver mask leaves out would be invisible.
-        liv = liv | (les > 0)
+        if liver_source == "reference":
+            # The input is the liver-masked slice: a lesion the liver mask leaves out would be invisible.
+            liv = liv | (les > 0)
     liv = liv.astype(np.uint8)
     if not liv.any():
         raise UserInputError(f"case {case_id}: the liver mask is empty")
@@ -327,7 +343,7 @@ def prepare_case(
     return CaseVolumes(case_id, axial, axial.with_array(liv), lesion_vol, labels, input_k, patient_id or case_id, group, split, subgroup)
 
 
-def load_case(record: CaseRecord, rule: SliceRule = SliceRule()) -> CaseVolumes:
+def load_case(record: CaseRecord, rule: SliceRule = SliceRule(), liver_source: str = "reference") -> CaseVolumes:
     from . import io as dio
 
     ct = dio.read_volume(record.ct)
@@ -341,7 +357,7 @@ def load_case(record: CaseRecord, rule: SliceRule = SliceRule()) -> CaseVolumes:
         lesion = lesion.with_array(arr.astype(np.uint8))
     table = read_slice_label_table(record.slice_labels, ct.shape[0]) if record.slice_labels is not None else None
     return prepare_case(record.case_id, ct, liver, lesion, table, rule, patient_id=record.patient_id,
-                        group=record.group, split=record.split, subgroup=record.subgroup)
+                        group=record.group, split=record.split, subgroup=record.subgroup, liver_source=liver_source)
 
 
 @dataclass
@@ -399,9 +415,10 @@ def synthetic_subgroup(case: SyntheticCase) -> str:
     return "hard" if case.meta["hard"] else "regular"
 
 
-def prepare_synthetic(case: SyntheticCase, rule: SliceRule = SliceRule()) -> CaseVolumes:
+def prepare_synthetic(case: SyntheticCase, rule: SliceRule = SliceRule(), liver_source: str = "reference") -> CaseVolumes:
     return prepare_case(case.case_id, case.ct, case.liver, case.lesion, None, rule,
-                        patient_id=case.patient_id, group=case.group, split=case.split, subgroup=synthetic_subgroup(case))
+                        patient_id=case.patient_id, group=case.group, split=case.split, subgroup=synthetic_subgroup(case),
+                        liver_source=liver_source)
 
 
 CSV_COLUMNS = ("case_id", "ct", "liver", "lesion", "slice_labels", "patient_id", "group", "split", "subgroup")

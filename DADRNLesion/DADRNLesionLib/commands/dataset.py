@@ -71,6 +71,9 @@ def add_data_options(p, cache_required: bool = False) -> None:
                    help="slice cache folder: reused when it matches the data and input spec, else (re)built there")
     g.add_argument("--normal-per-case", type=int, default=None, metavar="N",
                    help="use at most N evenly spaced normal slices per case (default: all); `train` still tests on all slices")
+    g.add_argument("--liver-source", choices=("reference", "automatic"), default="reference",
+                   help="mask the slices with the data's liver masks (default), or with the automatic liver mask that "
+                        "`classify` makes (to measure, or train on, what the model sees in use; lesions are not merged into it)")
     g.add_argument("--min-area-mm2", type=float, default=20.0, help="slice rule: a lesion slice needs this in-slice area (default 20)")
     g.add_argument("--min-fraction", type=float, default=0.25,
                    help="slice rule: ... and this fraction of the lesion's largest cross-section (default 0.25)")
@@ -127,6 +130,13 @@ def load_cache_from_args(args, spec, reporter, *, thin: bool = True):
     return cache
 
 
+def _liver_key(args) -> dict[str, Any]:
+    """The liver source in a cache's fingerprint; absent for the reference masks, so that caches
+    built before the option existed still match."""
+    source = getattr(args, "liver_source", "reference")
+    return {} if source == "reference" else {"liver": {"source": source}}
+
+
 def _load_or_build(args, spec, reporter):
     from .. import data as D
 
@@ -150,18 +160,18 @@ def _load_or_build(args, spec, reporter):
         ids = [r.case_id for r in records]
         if len(set(ids)) != len(ids):
             raise UserInputError("the --data lists repeat case ids; case ids must be unique across lists")
-        source = D.source_fingerprint(data=[D.source_fingerprint(x=p)["x"] for p in args.data])
-        cases = (D.load_case(r, rule) for r in records)
+        source = D.source_fingerprint(data=[D.source_fingerprint(x=p)["x"] for p in args.data], **_liver_key(args))
+        cases = (D.load_case(r, rule, args.liver_source) for r in records)
         total = len(records)
     else:
         source = D.source_fingerprint(
             phantoms=args.phantoms, phantom_seed=args.phantom_seed, generator=D.generator_fingerprint(),
             real=str(args.real_background) if args.real_background else None, real_rounds=args.real_rounds,
-            real_holdout=sorted(args.real_holdout),
+            real_holdout=sorted(args.real_holdout), **_liver_key(args),
         )
         gen = D.synthetic_cases(args.phantoms, args.phantom_seed, real_dir=args.real_background,
                                 real_rounds=args.real_rounds, real_holdout=tuple(args.real_holdout))
-        cases = (D.prepare_synthetic(c, rule) for c in gen)
+        cases = (D.prepare_synthetic(c, rule, args.liver_source) for c in gen)
         total = None
     if args.cache is not None and D.SliceCache.matches(args.cache, spec, rule, source):
         reporter.info(f"using the slice cache in {args.cache}")
