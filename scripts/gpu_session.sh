@@ -16,7 +16,8 @@
 # so that every test case is new to both runs; default: from scratch), LIVER_SOURCE (the liver mask
 # the phantom slices are masked with: reference, the generator's own; automatic, the mask `classify`
 # makes, so that the model learns the masks it meets in use; mixed, every other generator automatic;
-# default reference; the real scans keep their reference masks). SimpleITK, slicerio and
+# default reference; the cases painted into real scans take the automatic mask unless it is
+# reference). SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
 # with scripts/pack_device_carry.sh).
 set -uo pipefail
@@ -94,6 +95,7 @@ fi
 if [ -n "$REAL" ] && [ -d "$REAL" ] && [ ! -f "$WORK/cache/all/cache.json" ]; then
   log "real backgrounds: $REAL, $REAL_ROUNDS rounds of seed $REAL_SEED, held out: $REAL_HOLDOUT"
   "${DADRN[@]}" dataset cache --phantoms 0 --phantom-seed "$REAL_SEED" --real-background "$REAL" --real-rounds "$REAL_ROUNDS" \
+      --liver-source "$([ "$LIVER_SOURCE" = reference ] && echo reference || echo automatic)" \
       --real-holdout $REAL_HOLDOUT --cache "$WORK/cache/real" --input-size "$SIZE" --quiet >"$WORK/logs/data_real.txt" 2>&1 &
 fi
 wait
