@@ -82,6 +82,13 @@ def _resampled_figures(weights: np.ndarray, counts: _PatientCounts) -> tuple[np.
     return accuracy, _macro_f1(cms), recall, pointing
 
 
+def _check_resampling(level: float, n_resamples: int) -> None:
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie between 0 and 1, not {level}")
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be at least 1, not {n_resamples}")
+
+
 def _interval(samples: np.ndarray, level: float) -> Optional[list[float]]:
     finite = samples[np.isfinite(samples)]
     if finite.size == 0:
@@ -106,10 +113,7 @@ def patient_bootstrap(
 
     Returns {"method", "level", "n_resamples", "patients", "accuracy": [lo, hi] | None, ...}; the
     figures are None when the slices come from fewer than two patients."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie between 0 and 1, not {level}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, not {n_resamples}")
+    _check_resampling(level, n_resamples)
     pid = np.asarray(patient_ids, dtype=object)
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(predicted, dtype=np.int64)
@@ -163,10 +167,7 @@ def paired_bootstrap(
     overlapping intervals can still hide a clear difference. ``sign`` is +1 where the interval
     lies above 0 (B higher), -1 where it lies below, 0 where it holds 0 or is undefined (a figure
     whose slices come from fewer than two patients has no interval)."""
-    if not 0 < level < 1:
-        raise ValueError(f"level must lie between 0 and 1, not {level}")
-    if n_resamples < 1:
-        raise ValueError(f"n_resamples must be at least 1, not {n_resamples}")
+    _check_resampling(level, n_resamples)
     pid = np.asarray(patient_ids, dtype=object)
     y = np.asarray(labels, dtype=np.int64)
     arrays = [np.asarray(predicted_a, dtype=np.int64), np.asarray(predicted_b, dtype=np.int64),
