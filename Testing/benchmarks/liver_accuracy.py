@@ -1,6 +1,13 @@
 """Liver segmentation accuracy: Dice and HD95 per case on the real cases and the phantom test set.
 
     python Testing/benchmarks/liver_accuracy.py [--real-only | --phantom-only] [--sensitivity]
+        [--lesion-set N] [--param NAME=VALUE ...]
+
+`--lesion-set N` adds the first N phantoms drawn as the training data are (`phantom.generate_cases`,
+seed 777: several lesions, hard draws at the surface and beside vessels) and reports how much of
+their lesions the mask holds: the classifier sees only what is inside the mask, so a lesion left out
+is a lesion missed, however small its share of the liver's Dice. `--param` runs with other
+`LiverParams` values, to try a change on all of it.
 
 The real cases' reference for ts_contrast_dicom and ts_native_sm is a TotalSegmentator prediction
 (liver label 5), not a manual segmentation; dcmqi_ct3slice's liver_seg.nrrd is a manual label.
@@ -33,6 +40,7 @@ class Case:
     ct: Volume
     ref: np.ndarray  # bool [k,j,i] on ct's grid
     reference: str  # where the reference comes from
+    lesion: np.ndarray | None = None  # bool [k,j,i]: lesion voxels, which belong to the liver mask
 
 
 def _sitk_read(path: Path):
@@ -99,8 +107,17 @@ def phantom_cases(seeds=range(1000, 1010), matrix: int = 256) -> list[Case]:
     for n, seed in enumerate(seeds):
         cls = CLASS_NAMES[n % len(CLASS_NAMES)]
         pc = phantom.generate_case(seed, lesion_class=cls, matrix=matrix)
-        out.append(Case(f"phantom_{seed}_{cls}", pc.ct, np.asarray(pc.liver.array) > 0, "phantom ground truth"))
+        out.append(Case(f"phantom_{seed}_{cls}", pc.ct, np.asarray(pc.liver.array) > 0, "phantom ground truth",
+                        np.asarray(pc.lesion.array) > 0))
     return out
+
+
+def lesion_set(n: int, seed: int = 777) -> list[Case]:
+    """The first n phantoms of `generate_cases(n, seed)`: the mix the model is trained and tested on."""
+    from DADRNLesionLib import phantom  # type: ignore
+
+    return [Case(pc.case_id, pc.ct, np.asarray(pc.liver.array) > 0, "phantom ground truth", np.asarray(pc.lesion.array) > 0)
+            for pc in phantom.generate_cases(n, seed)]
 
 
 def evaluate(case: Case, params: LiverParams | None = None) -> dict:
@@ -120,6 +137,7 @@ def evaluate(case: Case, params: LiverParams | None = None) -> dict:
         "ml": float(m.sum() * case.ct.voxel_volume_ml),
         "ref_ml": float(case.ref.sum() * case.ct.voxel_volume_ml),
         "seconds": dt,
+        "lesion_in_mask": float(m[case.lesion].mean()) if case.lesion is not None and case.lesion.any() else None,
         "reference": case.reference,
         "error": err,
         "mask": m,
@@ -128,13 +146,23 @@ def evaluate(case: Case, params: LiverParams | None = None) -> dict:
 
 def print_table(rows, title):
     print(f"\n{title}")
-    print(f"| case | Dice | HD95 (mm) | volume (ml) | reference volume (ml) | time (s) | reference |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| case | Dice | HD95 (mm) | volume (ml) | reference volume (ml) | lesion in mask | time (s) | reference |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+        held = "-" if r["lesion_in_mask"] is None else f"{r['lesion_in_mask']:.2f}"
         print(
-            f"| {r['case']} | {r['dice']:.3f} | {r['hd95']:.1f} | {r['ml']:.0f} | {r['ref_ml']:.0f} | "
+            f"| {r['case']} | {r['dice']:.3f} | {r['hd95']:.1f} | {r['ml']:.0f} | {r['ref_ml']:.0f} | {held} | "
             f"{r['seconds']:.2f} | {r['reference']}{' — ' + r['error'] if r['error'] else ''} |"
         )
+
+
+def lesion_summary(rows) -> str:
+    held = [r["lesion_in_mask"] for r in rows if r["lesion_in_mask"] is not None]
+    if not held:
+        return "no lesions"
+    h = np.array(held)
+    return (f"lesion voxels in the mask: mean {h.mean():.3f} over {h.size} cases with lesions; "
+            f"cases below 0.9: {int((h < 0.9).sum())}, below 0.5: {int((h < 0.5).sum())}")
 
 
 SENSITIVITY = {
@@ -155,8 +183,7 @@ SENSITIVITY = {
 }
 
 
-def sensitivity(cases: list[Case]):
-    base = LiverParams()
+def sensitivity(cases: list[Case], base: LiverParams):
     ref = {c.name: evaluate(c, base)["dice"] for c in cases}
     names = [c.name for c in cases]
     print("\nParameter sensitivity: Dice change vs the defaults (mean over cases; worst case in brackets)")
@@ -176,14 +203,24 @@ def main(argv=None) -> int:
     ap.add_argument("--phantom-only", action="store_true")
     ap.add_argument("--sensitivity", action="store_true", help="also vary each parameter and report Dice change")
     ap.add_argument("--phantoms", type=int, default=10)
+    ap.add_argument("--lesion-set", type=int, default=0, metavar="N", help="also the first N training-like phantoms (seed 777)")
+    ap.add_argument("--param", nargs="*", default=[], metavar="NAME=VALUE", help="LiverParams values other than the defaults")
     a = ap.parse_args(argv)
+    params = LiverParams()
+    for item in a.param:
+        name, _, value = item.partition("=")
+        if name not in LiverParams.__dataclass_fields__:
+            ap.error(f"--param {item}: LiverParams has no field {name!r}")
+        params = replace(params, **{name: type(getattr(params, name))(value) if not isinstance(getattr(params, name), bool) else value == "1"})
+    if a.param:
+        print("parameters:", ", ".join(a.param))
     real, ph = [], []
     if not a.phantom_only:
         real = real_cases()
         if not real:
             print(f"(real cases not found at {REAL})")
         else:
-            rows = [evaluate(c) for c in real]
+            rows = [evaluate(c, params) for c in real]
             print_table(rows, "Real CT (ts_* references are TotalSegmentator predictions, not manual labels)")
     if not a.real_only:
         try:
@@ -191,11 +228,17 @@ def main(argv=None) -> int:
         except ImportError as exc:
             print(f"(phantom generator not available: {exc})")
         if ph:
-            rows = [evaluate(c) for c in ph]
+            rows = [evaluate(c, params) for c in ph]
             print_table(rows, f"Phantom test set (seeds 1000..{999 + a.phantoms}, ground truth liver)")
             print(f"phantom mean Dice {np.mean([r['dice'] for r in rows]):.3f}, min {min(r['dice'] for r in rows):.3f}")
+            print(lesion_summary(rows))
+        if a.lesion_set:
+            rows = [evaluate(c, params) for c in lesion_set(a.lesion_set)]
+            print_table(rows, f"Training-like phantoms (generate_cases({a.lesion_set}, 777))")
+            print(f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}, min {min(r['dice'] for r in rows):.3f}")
+            print(lesion_summary(rows))
     if a.sensitivity:
-        sensitivity(real + ph)
+        sensitivity(real + ph, params)
     return 0
 
 
