@@ -16,7 +16,6 @@ The real cases' reference for ts_contrast_dicom and ts_native_sm is a TotalSegme
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -146,7 +145,7 @@ def evaluate(case: Case, params: LiverParams | None = None) -> dict:
 
 def print_table(rows, title):
     print(f"\n{title}")
-    print(f"| case | Dice | HD95 (mm) | volume (ml) | reference volume (ml) | lesion in mask | time (s) | reference |")
+    print("| case | Dice | HD95 (mm) | volume (ml) | reference volume (ml) | lesion in mask | time (s) | reference |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         held = "-" if r["lesion_in_mask"] is None else f"{r['lesion_in_mask']:.2f}"
