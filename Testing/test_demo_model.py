@@ -112,3 +112,29 @@ def test_demo_model_points_at_a_small_cyst(demo):
     right, normal_right, near = _fresh_phantom_scores(demo, "cyst", 910_002)
     assert np.mean(right) >= 0.6 and np.mean(normal_right) >= 0.8
     assert np.mean(near) >= 0.6
+
+
+def test_the_automatic_liver_mask_with_a_model_trained_on_reference_masks_is_warned_about(demo):
+    import dataclasses
+
+    from DADRNLesionLib.io import read_volume
+    from DADRNLesionLib.pipeline import PipelineOptions, liver_mask_warning, run_pipeline
+
+    card = demo.card
+    assert card.liver_mask_sources() == {"reference"}
+    auto = card.metrics["automatic_liver_mask"]["all"]["accuracy"]
+    reference = card.metrics["reference_liver_mask"]["all"]["accuracy"]
+    assert auto < reference  # what the card records, and what the warning quotes
+    message = liver_mask_warning(card, "auto")
+    assert f"slice accuracy {auto:.2f} with the automatic mask against {reference:.2f}" in message
+    assert liver_mask_warning(card, "user") is None and liver_mask_warning(card, "totalsegmentator") is None
+    merged = card.training["data"]["merged"]
+    mixed = dataclasses.replace(card, training={**card.training, "data": {"merged": merged + [{**merged[0], "liver": {"source": "automatic"}}]}})
+    assert mixed.liver_mask_sources() == {"reference", "automatic"} and liver_mask_warning(mixed, "auto") is None
+    assert liver_mask_warning(dataclasses.replace(card, training={}), "auto") is None  # no record: nothing to say
+
+    ct = read_volume(REPO / "Resources" / "Demo" / "demo_ct.nii.gz")
+    liver = read_volume(REPO / "Resources" / "Demo" / "demo_liver.nii.gz")
+    options = PipelineOptions(device="cpu")
+    assert message in run_pipeline(ct, model=demo, options=options).report["warnings"]
+    assert run_pipeline(ct, liver_mask=liver, model=demo, options=options).report["warnings"] == []

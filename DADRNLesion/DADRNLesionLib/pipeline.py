@@ -342,6 +342,23 @@ def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress,
     return heat, probs, batch, stage_t
 
 
+def liver_mask_warning(card, liver_source: str) -> Optional[str]:
+    """A warning when the automatic liver mask feeds a model that never saw one in training: the
+    mask's edges, and lesions it leaves out, are then new to the model (docs/training.md)."""
+    sources = card.liver_mask_sources()
+    if liver_source != "auto" or not sources or "automatic" in sources:
+        return None
+    measured = card.metrics.get("automatic_liver_mask", {}).get("all", {})
+    figure = ""
+    if isinstance(measured.get("accuracy"), (int, float)):
+        figure = f" (its card: slice accuracy {measured['accuracy']:.2f} with the automatic mask"
+        reference = card.metrics.get("reference_liver_mask", {}).get("all", {}).get("accuracy")
+        figure += f" against {reference:.2f} with reference masks on the same cases)" if isinstance(reference, (int, float)) else ")"
+    return (f"this model was trained with reference liver masks only, and the automatic liver mask used here "
+            f"makes its results much less reliable{figure}: give a liver mask if you have one "
+            "(--liver-mask; in Slicer, a liver segment)")
+
+
 def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timings, frame, liver_source, input_description) -> dict[str, Any]:
     counts = {name: 0 for name in CLASS_NAMES}
     for s in results:
@@ -393,5 +410,6 @@ def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timin
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         },
-        "warnings": [] if loaded.trained else ["the model is UNTRAINED (random weights): the classes and heatmaps are meaningless"],
+        "warnings": ([] if loaded.trained else ["the model is UNTRAINED (random weights): the classes and heatmaps are meaningless"])
+        + ([w] if (w := liver_mask_warning(loaded.card, liver_source)) else []),
     }

@@ -78,6 +78,7 @@ def run(args) -> int:
         reporter.warning("no trained weights found: running an UNTRAINED model, results are meaningless (pass --weights)")
     failures = 0
     summary: list[dict] = []
+    said: set[str] = set()
     for study, future in prefetch(studies, args.series):
         out_dir = out_dirs[study.study_id]
         try:
@@ -94,6 +95,10 @@ def run(args) -> int:
                 input_description={"path": str(study.path), "study_id": study.study_id},
             )
             result.report["timings_s"]["read"] = round(read_s, 4)
+            for message in result.report.get("warnings", []):  # about the model and the mask, said once per run
+                if message not in said and "UNTRAINED" not in message:
+                    reporter.warning(f"model: {message}")
+                    said.add(message)
             for message in loaded.notes:  # e.g. a localizer image left out of the DICOM series
                 reporter.warning(f"input: {message}")
                 result.report.setdefault("warnings", []).append(message)
