@@ -10,14 +10,14 @@
 # SIZE / WIDTH / BATCH / LR (model input side, backbone width, batch, peak learning rate),
 # DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2), REAL (a folder of real
 # cases to paint lesions into, default .device-carry/real; empty: phantoms only), REAL_ROUNDS
-# (lesion draws per real scan and class, default 6), REAL_SEED (their lesion draws, default SEED0, so
-# that a fine-tuning session paints lesions its starting weights never saw), REAL_HOLDOUT (real scans kept for the test
-# split, default ts_native_sm), INIT (weights to start from, e.g. the shipped model, with new SEED0
-# so that every test case is new to both runs; default: from scratch), LIVER_SOURCE (the liver mask
-# the phantom slices are masked with: reference, the generator's own; automatic, the mask `classify`
-# makes, so that the model learns the masks it meets in use; mixed, every other generator automatic;
-# default reference; the cases painted into real scans take the automatic mask unless it is
-# reference). SimpleITK, slicerio and
+# (lesion draws per real scan and class, default 6), REAL_SEED (their lesion draws, default SEED0,
+# so that a fine-tuning session paints lesions its starting weights never saw), REAL_HOLDOUT (real
+# scans kept for the test split, default ts_native_sm), INIT (weights to start from, e.g. the
+# shipped model, with new SEED0 so that every test case is new to both runs; default: from
+# scratch), LIVER_SOURCE (the liver mask the phantom slices are masked with: reference, the
+# generator's own; automatic, the mask `classify` makes, so that the model learns the masks it
+# meets in use; mixed, every other generator automatic; default reference; the cases painted into
+# real scans take the automatic mask unless it is reference). SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
 # with scripts/pack_device_carry.sh).
 set -uo pipefail
