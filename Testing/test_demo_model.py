@@ -138,3 +138,15 @@ def test_the_automatic_liver_mask_with_a_model_trained_on_reference_masks_is_war
     options = PipelineOptions(device="cpu")
     assert message in run_pipeline(ct, model=demo, options=options).report["warnings"]
     assert run_pipeline(ct, liver_mask=liver, model=demo, options=options).report["warnings"] == []
+
+
+def test_the_demo_command_writes_its_results_and_says_what_the_automatic_mask_costs(tmp_path, capsys):
+    from DADRNLesionLib.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "model: this model was trained with reference liver masks only" in err
+    report = json.loads((out / "report.json").read_text())
+    assert report["liver"]["source"] == "auto" and report["summary"]["finding"]
+    assert (out / "overview.png").is_file() and (out / "lesions.seg.nrrd").is_file()

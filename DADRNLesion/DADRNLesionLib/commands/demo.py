@@ -54,6 +54,9 @@ def run(args) -> int:
     ct = read_volume(source)
     result = run_pipeline(ct, model=model, options=PipelineOptions(device=args.device), progress=reporter,
                           input_description={"path": str(source), "study_id": "demo phantom (synthetic, arterial phase)"})
+    for message in result.report.get("warnings", []):  # e.g. the automatic liver mask and this model
+        if "UNTRAINED" not in message:
+            reporter.warning(f"model: {message}")
     overwrite = args.overwrite or args.out == DEFAULT_OUT
     write_results(result, args.out, ct=ct, overwrite=overwrite)
     summary = result.report["summary"]["finding"]
