@@ -283,3 +283,12 @@ def test_a_cache_of_reference_masks_is_not_reused_for_the_automatic_source(tmp_p
     assert main(common + ["--liver-source", "automatic"]) == 0
     second = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert second["source"]["liver"] == {"source": "automatic"} and "liver" not in first["source"]
+
+
+def test_a_case_without_liver_like_tissue_names_itself_when_the_automatic_mask_fails():
+    from DADRNLesionLib.errors import NoLiverFoundError
+
+    ct, liver, les = case_with_lesions()
+    water = ct.with_array(np.zeros(ct.shape, np.int16))  # a water phantom: no liver to find
+    with pytest.raises(NoLiverFoundError, match="case water_1: the automatic liver mask failed"):
+        D.prepare_case("water_1", water, liver, les, liver_source="automatic")

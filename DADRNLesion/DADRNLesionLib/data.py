@@ -307,7 +307,10 @@ def prepare_case(
     if liver_source == "automatic":
         from .liver import segment_liver
 
-        liv = np.ascontiguousarray(segment_liver(axial).array > 0)
+        try:
+            liv = np.ascontiguousarray(segment_liver(axial).array > 0)
+        except UserInputError as exc:  # no liver found, not CT: say which case
+            raise type(exc)(f"case {case_id}: the automatic liver mask failed: {exc}") from None
     else:
         liv = np.ascontiguousarray(frame.to_canonical(np.asarray(liver.array) > 0))
     les = None
