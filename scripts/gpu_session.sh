@@ -135,11 +135,14 @@ if [ -n "$INIT" ] && [ -f "$WORK/train/split.csv" ]; then
   timeout 60 "${DADRN[@]}" evaluate --weights "$INIT" --cache "$WORK/cache/all" --split-file "$WORK/train/split.csv" \
       --split test --device "$DEVICE" --out "$WORK/train/test_init" --quiet 2>&1 | tail -5
   head -24 "$WORK/train/test_init/report.txt" 2>/dev/null
+  # Slice by slice, with paired intervals: whether the difference is more than the test set's noise.
+  "${DADRN[@]}" compare-evaluations "$WORK/train/test_init" "$WORK/train/test" --names start trained \
+      --out "$WORK/train/compare" --quiet 2>&1 | head -20
 fi
 
 # 4. Back: weights and card as files, everything else in one archive.
 cp "$WORK/train/best.safetensors" "$WORK/train/best.json" "$OUT/" 2>/dev/null
 tar -czf "$OUT/results.tgz" -C "$WORK" logs $(cd "$WORK" && ls -d train/metrics.csv train/curves.png train/summary.json \
-    train/split.csv train/train_config.json train/test train/test_init 2>/dev/null)
+    train/split.csv train/train_config.json train/test train/test_init train/compare 2>/dev/null)
 log "done"
 exit "$TRAIN_RC"  # a session whose training failed brings nothing worth keeping: say so
