@@ -283,6 +283,12 @@ def test_a_cache_of_reference_masks_is_not_reused_for_the_automatic_source(tmp_p
     assert main(common + ["--liver-source", "automatic"]) == 0
     second = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert second["source"]["liver"] == {"source": "automatic"} and "liver" not in first["source"]
+    # An existing cache alone: used as it is, or checked against an explicit --liver-source.
+    split = ["dataset", "split", "--cache", str(tmp_path / "c"), "--input-size", "32", "--quiet", "--out"]
+    assert main(split + [str(tmp_path / "s1.csv")]) == 0
+    assert main(split + [str(tmp_path / "s2.csv"), "--liver-source", "automatic"]) == 0
+    assert main(split + [str(tmp_path / "s3.csv"), "--liver-source", "reference"]) == 2
+    assert not (tmp_path / "s3.csv").exists()
 
 
 def test_a_case_without_liver_like_tissue_names_itself_when_the_automatic_mask_fails():

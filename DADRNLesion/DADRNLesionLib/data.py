@@ -65,6 +65,7 @@ __all__ = [
     "write_split",
     "SPLITS",
     "LIVER_SOURCES",
+    "liver_sources",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -344,6 +345,27 @@ def prepare_case(
     if frame.slice_axis_is_axial:
         input_k = np.arange(n_k)[::-1].copy() if frame.flip[0] else np.arange(n_k)
     return CaseVolumes(case_id, axial, axial.with_array(liv), lesion_vol, labels, input_k, patient_id or case_id, group, split, subgroup)
+
+
+def liver_sources(record: Any) -> set[str]:
+    """Which liver masks the data sources in a fingerprint record (a cache's `source`, a model
+    card's training data) were masked with: "reference" and/or "automatic"; empty without a record."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "phantoms" in node or isinstance(node.get("data"), list):  # one data source's fingerprint
+                liver = node.get("liver")
+                found.add(str(liver.get("source", "reference")) if isinstance(liver, dict) else "reference")
+                return
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(record)
+    return found
 
 
 def load_case(record: CaseRecord, rule: SliceRule = SliceRule(), liver_source: str = "reference") -> CaseVolumes:

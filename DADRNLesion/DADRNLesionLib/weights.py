@@ -78,23 +78,9 @@ class ModelCard:
         """Which liver masks the slices were masked with in training, its starting weights' included:
         "reference" (the data's own) and/or "automatic" (the mask `classify` makes); empty when the
         card does not record its training data."""
-        found: set[str] = set()
+        from .data import liver_sources
 
-        def walk(node: Any) -> None:
-            if isinstance(node, dict):
-                if "phantoms" in node or isinstance(node.get("data"), list):  # one data source's fingerprint
-                    liver = node.get("liver")
-                    found.add(str(liver.get("source", "reference")) if isinstance(liver, dict) else "reference")
-                    return
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-
-        walk(self.training.get("data"))
-        walk(self.training.get("initialised_from"))
-        return found
+        return liver_sources([self.training.get("data"), self.training.get("initialised_from")])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelCard":

@@ -71,9 +71,10 @@ def add_data_options(p, cache_required: bool = False) -> None:
                    help="slice cache folder: reused when it matches the data and input spec, else (re)built there")
     g.add_argument("--normal-per-case", type=int, default=None, metavar="N",
                    help="use at most N evenly spaced normal slices per case (default: all); `train` still tests on all slices")
-    g.add_argument("--liver-source", choices=("reference", "automatic"), default="reference",
-                   help="mask the slices with the data's liver masks (default), or with the automatic liver mask that "
-                        "`classify` makes (to measure, or train on, what the model sees in use; lesions are not merged into it)")
+    g.add_argument("--liver-source", choices=("reference", "automatic"), default=None,
+                   help="mask the slices with the data's liver masks (reference, the default when building), or with the "
+                        "automatic liver mask that `classify` makes (to measure, or train on, what the model sees in use; "
+                        "lesions are not merged into it); with an existing --cache alone, checks that it was built so")
     g.add_argument("--min-area-mm2", type=float, default=20.0, help="slice rule: a lesion slice needs this in-slice area (default 20)")
     g.add_argument("--min-fraction", type=float, default=0.25,
                    help="slice rule: ... and this fraction of the lesion's largest cross-section (default 0.25)")
@@ -133,7 +134,7 @@ def load_cache_from_args(args, spec, reporter, *, thin: bool = True):
 def _liver_key(args) -> dict[str, Any]:
     """The liver source in a cache's fingerprint; absent for the reference masks, so that caches
     built before the option existed still match."""
-    source = getattr(args, "liver_source", "reference")
+    source = getattr(args, "liver_source", None) or "reference"
     return {} if source == "reference" else {"liver": {"source": source}}
 
 
@@ -150,6 +151,12 @@ def _load_or_build(args, spec, reporter):
                 f"the cache {args.cache} was built for input {cache.spec.to_dict()}, not {spec.to_dict()}: "
                 "rebuild it (give --data/--phantoms too) or match the input options"
             )
+        wanted, held = getattr(args, "liver_source", None), D.liver_sources(cache.source)
+        if wanted and held and held != {wanted}:
+            raise UserInputError(
+                f"the cache {args.cache} was built with {' and '.join(sorted(held))} liver masks, not {wanted} ones: "
+                "give --data/--phantoms too to build one with --liver-source, or leave --liver-source out to use it as it is"
+            )
         return cache
     if args.data is not None and args.phantoms is not None:
         raise UserInputError("give either --data or --phantoms, not both")
@@ -161,7 +168,7 @@ def _load_or_build(args, spec, reporter):
         if len(set(ids)) != len(ids):
             raise UserInputError("the --data lists repeat case ids; case ids must be unique across lists")
         source = D.source_fingerprint(data=[D.source_fingerprint(x=p)["x"] for p in args.data], **_liver_key(args))
-        cases = (D.load_case(r, rule, args.liver_source) for r in records)
+        cases = (D.load_case(r, rule, args.liver_source or "reference") for r in records)
         total = len(records)
     else:
         source = D.source_fingerprint(
@@ -171,7 +178,7 @@ def _load_or_build(args, spec, reporter):
         )
         gen = D.synthetic_cases(args.phantoms, args.phantom_seed, real_dir=args.real_background,
                                 real_rounds=args.real_rounds, real_holdout=tuple(args.real_holdout))
-        cases = (D.prepare_synthetic(c, rule, args.liver_source) for c in gen)
+        cases = (D.prepare_synthetic(c, rule, args.liver_source or "reference") for c in gen)
         total = None
     if args.cache is not None and D.SliceCache.matches(args.cache, spec, rule, source):
         reporter.info(f"using the slice cache in {args.cache}")
