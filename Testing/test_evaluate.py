@@ -145,6 +145,7 @@ def test_cli_evaluate_writes_tables_for_a_split(tmp_path):
 
     card = load_checkpoint(tmp_path / "m.safetensors").card  # still verifies: the weights did not change
     assert card.metrics["test"]["all"]["slices"] == 20 and card.metrics["test"]["evaluated_on"]["split"] == "test"
+    assert card.metrics["test"]["evaluated_on"]["liver_masks"] == "unrecorded"  # the toy cache names no data source
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["all"]["n_cases"] == 5 and m["all"]["classification"]["n"] == 20
     assert set(m["all"]["localization"]) >= {"cyst", "fnh", "hcc", "hem"}

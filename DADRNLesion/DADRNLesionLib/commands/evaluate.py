@@ -70,7 +70,9 @@ def run(args) -> int:
     title = f"{loaded.card.model_id} on {len(set(result.case_id.tolist()))} cases"
     write_report(result, args.out, title=title)
     if args.record_in_card:
-        _record(args.weights, args.record_in_card, result, args)
+        from ..data import liver_sources
+
+        _record(args.weights, args.record_in_card, result, args, liver=" and ".join(sorted(liver_sources(cache.source))) or "unrecorded")
         args.reporter.info(f"recorded the figures in the model card under metrics.{args.record_in_card}")
     if not args.quiet:
         print(result.text())
@@ -79,7 +81,7 @@ def run(args) -> int:
     return 0
 
 
-def _record(weights, name: str, result, args) -> None:
+def _record(weights, name: str, result, args, liver: str = "unrecorded") -> None:
     """Write the evaluation into the card next to `weights` (the card's sha256 covers the weights only)."""
     import json
     import os
@@ -94,6 +96,7 @@ def _record(weights, name: str, result, args) -> None:
         "split_file": str(args.split_file) if args.split_file else None,
         "split": args.split if args.split_file else "all",
         "slices": "every labelled slice" if args.normal_per_case is None else f"at most {args.normal_per_case} normal slices per case",
+        "liver_masks": liver,
     }
     card.setdefault("metrics", {})[name] = entry
     tmp = card_path.with_suffix(".json.partial")
