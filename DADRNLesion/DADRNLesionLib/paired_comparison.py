@@ -56,9 +56,10 @@ def read_slices(path: PathLike) -> SliceTable:
     with open(p, newline="") as fh:
         rows = list(csv.DictReader(fh))
     need = {"case_id", "axial_frame_slice_index", "label", "predicted", "pointing_hit"}
-    if not rows or not need <= set(rows[0]):
-        missing = ", ".join(sorted(need - set(rows[0]))) if rows else "every row"
-        raise UserInputError(f"{p}: not an evaluation's slices.csv (missing: {missing})")
+    if not rows:
+        raise UserInputError(f"{p} holds no slices: give the slices.csv of an `evaluate` run that scored some")
+    if not need <= set(rows[0]):
+        raise UserInputError(f"{p}: not an evaluation's slices.csv (missing columns: {', '.join(sorted(need - set(rows[0])))})")
     index = {c: i for i, c in enumerate(CLASS_NAMES)}
     try:
         labels = np.array([index[r["label"]] for r in rows], np.int64)
