@@ -121,11 +121,15 @@ def test_two_evaluations_compare_scope_by_scope_with_each_reports_own_figures(tw
     assert len(rows) == 1 + 3 * (2 + len(CLASS_NAMES) + len(LESION_CLASSES))
 
 
-def test_evaluations_of_different_slices_are_refused(two_evaluations):
+def test_evaluations_of_different_slices_are_refused(two_evaluations, tmp_path):
     with pytest.raises(UserInputError, match="did not score the same slices .*4 only in"):
         compare_evaluations(two_evaluations[0], two_evaluations["partial"])
     with pytest.raises(UserInputError, match="no slices.csv there"):
         compare_evaluations(two_evaluations[0], two_evaluations[0] / "nothing")
+    header_only = tmp_path / "slices.csv"
+    header_only.write_text((two_evaluations[0] / "slices.csv").read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserInputError, match="holds no slices"):
+        compare_evaluations(two_evaluations[0], header_only)
 
 
 def test_an_older_slices_csv_without_patient_ids_is_read_with_a_note(two_evaluations, tmp_path):
