@@ -83,7 +83,8 @@ def test_packing_refuses_without_wheels(tmp_path):
 @pytest.mark.slow
 def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     """The script a lent GPU's scarce minutes depend on, run whole here: time-boxed phantom sets,
-    merge, training against its deadline, test evaluation, and what it sends back."""
+    merge, training against its deadline, test evaluation, what it sends back, and a second session
+    that continues from those weights and compares them with its own."""
     import json
 
     out, work = tmp_path / "out", tmp_path / "work"
@@ -104,3 +105,14 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     with tarfile.open(out / "results.tgz") as tar:
         names = tar.getnames()
     assert "logs/session.txt" in names and "train/split.csv" in names
+    # A second session continues from those weights on new seeds and ends with the two compared on
+    # the same test split, slice by slice.
+    out2 = tmp_path / "out2"
+    env2 = {**env, "SEED0": "9101", "INIT": str(out / "best.safetensors"), "BUDGET_S": "90", "LIVER_SOURCE": "reference",
+            "WORK": str(tmp_path / "work2"), "OUT": str(out2)}
+    run2 = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
+    assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
+    assert "starting weights on the same test split" in run2.stdout and "A = start" in run2.stdout
+    with tarfile.open(out2 / "results.tgz") as tar:
+        assert "train/compare/comparison.csv" in tar.getnames()
+    assert json.loads((out2 / "best.json").read_text())["training"]["initialised_from"]
