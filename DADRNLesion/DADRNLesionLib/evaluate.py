@@ -42,6 +42,7 @@ from .metrics import (
     format_classification_table,
     format_localization_table,
     localization_summary,
+    report_scopes,
 )
 
 __all__ = ["EvalResult", "Localisation", "evaluate_cache", "write_report", "localise", "plot_confusion"]
@@ -251,17 +252,12 @@ def summarise(r: EvalResult) -> dict[str, Any]:
     unscored = int(((r.labels > 0) & ~r.scored).sum())
     if unscored:
         out["note"] = f"{unscored} lesion slices have no lesion outline (slice-label tables): their localization is not scored"
-    groups = sorted(set(r.group.tolist()) - {""})
-    scopes: dict[str, Any] = {}
-    if len(groups) > 1 or (groups and (r.group == "").any()):
-        scopes = {g: _scope_summary(r, r.group == g) for g in groups}
-    if r.subgroup is not None:
-        for g, sg in sorted(set(zip(r.group.tolist(), r.subgroup.tolist()))):
-            if sg:
-                scopes[f"{g} / {sg}" if g else sg] = _scope_summary(r, (r.group == g) & (r.subgroup == sg))
+    subgroup = r.subgroup if r.subgroup is not None else np.full(r.group.shape, "", dtype=object)
+    scopes = {name: _scope_summary(r, sel) for name, sel in report_scopes(r.group, subgroup).items()}
     if scopes:
         out["groups"] = scopes
     return out
+
 
 
 def plot_confusion(cm: np.ndarray, path: Path, title: str = "") -> Optional[Path]:

@@ -28,6 +28,7 @@ __all__ = [
     "localization_summary",
     "format_classification_table",
     "format_localization_table",
+    "report_scopes",
 ]
 
 
@@ -152,3 +153,16 @@ def format_localization_table(loc: dict[str, Any], title: str = "") -> str:
     if centre:
         lines.append("  " + "  ".join(f"{_fmt(loc[n]['centre']):>7s}" for n in LESION_CLASSES) + "   hot-spot centre")
     return "\n".join(lines)
+
+
+def report_scopes(group: np.ndarray, subgroup: np.ndarray) -> dict[str, np.ndarray]:
+    """The scopes reported beside "all", as slice selections: each group (when there is more than
+    one, or ungrouped slices beside one) and each named subgroup within its group ("phantom / hard")."""
+    scopes: dict[str, np.ndarray] = {}
+    groups = sorted(set(group.tolist()) - {""})
+    if len(groups) > 1 or (groups and (group == "").any()):
+        scopes = {g: group == g for g in groups}
+    for g, sg in sorted(set(zip(group.tolist(), subgroup.tolist()))):
+        if sg:
+            scopes[f"{g} / {sg}" if g else sg] = (group == g) & (subgroup == sg)
+    return scopes

@@ -3,7 +3,7 @@
 Two separate intervals that overlap do not say that two models are alike: both models meet the
 same easy and hard patients, and that shared spread cancels in their difference. So the comparison
 reads the two `evaluate` runs' ``slices.csv``, checks that they scored exactly the same slices with
-the same labels, and reports for every scope (all, each group, each group / subgroup) each figure of
+the same labels, and reports for every scope `evaluate` reports (`metrics.report_scopes`) each figure of
 both models, the difference B - A and its paired patient-resampled interval
 (`bootstrap.paired_bootstrap`).
 """
@@ -20,6 +20,7 @@ import numpy as np
 from .bootstrap import paired_bootstrap
 from .classes import CLASS_NAMES, LESION_CLASSES
 from .errors import UserInputError
+from .metrics import report_scopes
 
 __all__ = ["SliceTable", "read_slices", "compare_evaluations", "format_comparison", "write_comparison"]
 
@@ -116,13 +117,7 @@ def compare_evaluations(baseline: PathLike, candidate: PathLike, *, n_resamples:
         return out
 
     scopes: dict[str, Any] = {"all": scope(np.ones(a.key.size, bool))}
-    groups = sorted(set(a.group.tolist()) - {""})
-    if len(groups) > 1 or (groups and (a.group == "").any()):
-        for g in groups:
-            scopes[g] = scope(a.group == g)
-    for g, sg in sorted(set(zip(a.group.tolist(), a.subgroup.tolist()))):
-        if sg:
-            scopes[f"{g} / {sg}" if g else sg] = scope((a.group == g) & (a.subgroup == sg))
+    scopes.update({name: scope(sel) for name, sel in report_scopes(a.group, a.subgroup).items()})
     notes = []
     if a.patient_from_case:
         notes.append(f"{a.source} has no patient_id column (written before it was added): each case is taken as its own patient")

@@ -33,6 +33,8 @@ from .weights import DEMO_WEIGHTS, LoadedModel, load_checkpoint, random_model
 __all__ = ["PipelineOptions", "run_pipeline", "resolve_device", "load_model", "validate_ct", "ProgressFn"]
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)
+# In every untrained run's report; the commands say it once, when the model is loaded.
+UNTRAINED_WARNING = "the model is UNTRAINED (random weights): the classes and heatmaps are meaningless"
 CancelFn = Callable[[], bool]
 
 CPU_BATCH = 8
@@ -410,6 +412,6 @@ def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timin
             "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
             "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         },
-        "warnings": ([] if loaded.trained else ["the model is UNTRAINED (random weights): the classes and heatmaps are meaningless"])
+        "warnings": ([] if loaded.trained else [UNTRAINED_WARNING])
         + ([w] if (w := liver_mask_warning(loaded.card, liver_source)) else []),
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..cli import EXIT_INPUT, EXIT_PARTIAL, add_common_options
 from ..errors import OutputExistsError, UserInputError
 from ..outputs import check_output_location, results_exist, write_results
-from ..pipeline import PipelineOptions, load_model, resolve_device, run_pipeline
+from ..pipeline import UNTRAINED_WARNING, PipelineOptions, load_model, resolve_device, run_pipeline
 from ..studies import expand_inputs, prefetch
 
 
@@ -96,7 +96,7 @@ def run(args) -> int:
             )
             result.report["timings_s"]["read"] = round(read_s, 4)
             for message in result.report.get("warnings", []):  # about the model and the mask, said once per run
-                if message not in said and "UNTRAINED" not in message:
+                if message not in said and message != UNTRAINED_WARNING:
                     reporter.warning(f"model: {message}")
                     said.add(message)
             for message in loaded.notes:  # e.g. a localizer image left out of the DICOM series

@@ -40,7 +40,7 @@ def demo_volume(cache: Path) -> Path:
 def run(args) -> int:
     from ..io import read_volume
     from ..outputs import write_results
-    from ..pipeline import PipelineOptions, load_model, run_pipeline
+    from ..pipeline import UNTRAINED_WARNING, PipelineOptions, load_model, run_pipeline
 
     reporter = args.reporter
     t0 = time.perf_counter()
@@ -55,7 +55,7 @@ def run(args) -> int:
     result = run_pipeline(ct, model=model, options=PipelineOptions(device=args.device), progress=reporter,
                           input_description={"path": str(source), "study_id": "demo phantom (synthetic, arterial phase)"})
     for message in result.report.get("warnings", []):  # e.g. the automatic liver mask and this model
-        if "UNTRAINED" not in message:
+        if message != UNTRAINED_WARNING:
             reporter.warning(f"model: {message}")
     overwrite = args.overwrite or args.out == DEFAULT_OUT
     write_results(result, args.out, ct=ct, overwrite=overwrite)
