@@ -282,7 +282,13 @@ def test_a_cache_of_reference_masks_is_not_reused_for_the_automatic_source(tmp_p
     first = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert main(common + ["--liver-source", "automatic"]) == 0
     second = json.loads((tmp_path / "c" / "cache.json").read_text())
-    assert second["source"]["liver"] == {"source": "automatic"} and "liver" not in first["source"]
+    assert second["source"]["liver"] == {"source": "automatic", "method": D.liver_method_fingerprint()}
+    assert "liver" not in first["source"]
+    # Masks made by an earlier version of the automatic method are not reused either.
+    stale = {**second, "source": {**second["source"], "liver": {"source": "automatic", "method": {"liver.py": "0" * 16}}}}
+    (tmp_path / "c" / "cache.json").write_text(json.dumps(stale))
+    assert main(common + ["--liver-source", "automatic"]) == 0
+    assert json.loads((tmp_path / "c" / "cache.json").read_text()) == second
     # An existing cache alone: used as it is, or checked against an explicit --liver-source.
     split = ["dataset", "split", "--cache", str(tmp_path / "c"), "--input-size", "32", "--quiet", "--out"]
     assert main(split + [str(tmp_path / "s1.csv")]) == 0

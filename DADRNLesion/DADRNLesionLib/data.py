@@ -449,10 +449,19 @@ def prepare_synthetic(case: SyntheticCase, rule: SliceRule = SliceRule(), liver_
 CSV_COLUMNS = ("case_id", "ct", "liver", "lesion", "slice_labels", "patient_id", "group", "split", "subgroup")
 
 
+def _source_sha256(*names: str) -> dict[str, str]:
+    here = Path(__file__).resolve().parent
+    return {name: hashlib.sha256((here / name).read_bytes()).hexdigest()[:16] for name in names}
+
+
 def generator_fingerprint() -> dict[str, str]:
     """sha256 of the phantom generator's source files: which phantom recipe made a data set."""
-    here = Path(__file__).resolve().parent
-    return {name: hashlib.sha256((here / name).read_bytes()).hexdigest()[:16] for name in ("phantom.py", "lesion_models.py")}
+    return _source_sha256("phantom.py", "lesion_models.py")
+
+
+def liver_method_fingerprint() -> dict[str, str]:
+    """sha256 of the automatic liver segmentation's source: which method made a cache's masks."""
+    return _source_sha256("liver.py")
 
 
 def write_dataset(out_dir: PathLike, cases: Iterable[SyntheticCase], *, overwrite: bool = False,

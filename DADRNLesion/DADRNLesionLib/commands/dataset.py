@@ -134,8 +134,11 @@ def load_cache_from_args(args, spec, reporter, *, thin: bool = True):
 def _liver_key(args) -> dict[str, Any]:
     """The liver source in a cache's fingerprint; absent for the reference masks, so that caches
     built before the option existed still match."""
+    from .. import data as D
+
     source = getattr(args, "liver_source", None) or "reference"
-    return {} if source == "reference" else {"liver": {"source": source}}
+    # the automatic masks change with the method: a cache made by an earlier one is rebuilt
+    return {} if source == "reference" else {"liver": {"source": source, "method": D.liver_method_fingerprint()}}
 
 
 def _load_or_build(args, spec, reporter):
