@@ -250,7 +250,7 @@ def test_surface_takes_in_voxels_that_are_more_liver_than_fat():
 def test_a_vessel_passing_by_is_dropped_but_a_lesion_and_thin_veins_are_kept():
     """Filled-in pieces: the IVC-like tube continues far outside the liver (dropped); a lesion
     wholly inside and a thin vein joining the tube stay liver."""
-    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures, _Scan
+    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
 
     sp = (3.0, 3.0, 3.0)
     shape = (40, 50, 50)
@@ -264,9 +264,7 @@ def test_a_vessel_passing_by_is_dropped_but_a_lesion_and_thin_veins_are_kept():
     hu[ivc | lesion | vein] = 120.0
     core = liver_block & ~ivc & ~lesion & ~vein
     liver = liver_block.copy()  # what slice-wise filling and the closing gave
-    dummy = np.zeros(shape, np.float32)
-    s = _Scan(hu=hu, raw=hu, spacing=sp, body=np.ones(shape, bool), u=dummy, v=dummy, homogeneous=np.zeros(shape, bool),
-              wall_depth=dummy + 50.0, spine_dist=dummy + 100.0, behind_spine=np.zeros(shape, bool), muscle=(50.0, 10.0))
+    s = _scan_of(hu, sp)
     out = _drop_passing_structures(liver, core, s, LiverParams())
     inside_ivc = ivc & liver_block
     assert out[inside_ivc].mean() < 0.1, "the passing tube should leave the mask"
@@ -281,6 +279,112 @@ def test_a_vessel_passing_by_is_dropped_but_a_lesion_and_thin_veins_are_kept():
     from dataclasses import replace
 
     assert np.array_equal(_drop_passing_structures(liver, core, s, replace(LiverParams(), passing_mm=0.0)), liver)
+
+
+def _scan_of(hu, sp):
+    from DADRNLesionLib.liver import _Scan
+
+    dummy = np.zeros(hu.shape, np.float32)
+    return _Scan(hu=hu, raw=hu, spacing=sp, body=np.ones(hu.shape, bool), u=dummy, v=dummy, homogeneous=np.zeros(hu.shape, bool),
+                 wall_depth=dummy + 50.0, spine_dist=dummy + 100.0, behind_spine=np.zeros(hu.shape, bool), muscle=(50.0, 10.0))
+
+
+def test_a_lesion_touching_a_passing_vessel_stays_when_the_vessel_goes():
+    """A lesion that touches the IVC forms one filled-in piece with it; split at the neck, the tube
+    leaves the mask and the lesion stays. Judged as one piece, both would go."""
+    from dataclasses import replace
+
+    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
+
+    sp = (3.0, 3.0, 3.0)
+    shape = (40, 50, 50)
+    kk, jj, ii = np.indices(shape)
+    liver_block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    ivc = np.hypot(jj - 25, ii - 16) * 3.0 <= 12.0
+    lesion = (np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 24) ** 2) * 3.0 <= 15.0) & ~ivc
+    hu = np.full(shape, -100.0, np.float32)
+    hu[liver_block] = 60.0
+    hu[ivc] = 120.0
+    hu[lesion] = 140.0  # a bright lesion, within the tube's density range
+    core = liver_block & ~ivc & ~lesion
+    s = _scan_of(hu, sp)
+    out = _drop_passing_structures(liver_block, core, s, LiverParams())
+    assert out[ivc & liver_block].mean() < 0.2, "the passing tube should leave the mask"
+    assert out[lesion].mean() > 0.9, "the lesion touching it is liver"
+    whole = _drop_passing_structures(liver_block, core, s, replace(LiverParams(), passing_part_mm=100.0))
+    assert whole[lesion].mean() < 0.5, "judged as one piece with the tube, the lesion goes too"
+
+
+def test_a_lesion_bulging_from_the_surface_is_added_but_not_what_hangs_under_the_liver():
+    """A lesion half outside the liver is wrapped by it and added; the gallbladder, covered by liver
+    from above only, is not, nor is a thin partial-volume layer along the surface."""
+    from dataclasses import replace
+
+    from DADRNLesionLib.liver import LiverParams, _surface_lesions
+
+    sp = (2.5, 2.5, 2.5)
+    shape = (44, 60, 64)
+    kk, jj, ii = np.indices(shape)
+    block = (kk >= 12) & (kk < 34) & (jj >= 10) & (jj < 50) & (ii >= 10) & (ii < 45)
+    lesion = np.sqrt((kk - 22) ** 2 + (jj - 30) ** 2 + (ii - 45) ** 2) * 2.5 <= 15.0
+    gallbladder = ((kk - 12) / 5.0) ** 2 + ((jj - 38) / 6.0) ** 2 + ((ii - 22) / 5.0) ** 2 <= 1.0
+    sliver = (jj == 9) & (kk >= 14) & (kk < 30) & (ii >= 12) & (ii < 40)  # one voxel, 2.5 mm
+    hu = np.full(shape, -100.0, np.float32)
+    hu[block] = 60.0
+    hu[sliver] = 0.0
+    hu[gallbladder] = 15.0
+    hu[lesion] = 120.0
+    liver = block & ~lesion & ~gallbladder
+    tissue = hu > -20
+    s = _scan_of(hu, sp)
+    added = _surface_lesions(liver, tissue, s, LiverParams())
+    assert added[lesion].mean() > 0.95, "the bulging lesion belongs to the liver"
+    assert not added[gallbladder].any(), "what hangs under the liver is not added"
+    assert not added[sliver].any(), "a partial-volume layer is not a lesion"
+    hanging = _surface_lesions(liver, tissue, s, replace(LiverParams(), surface_below=0.0))
+    assert hanging[gallbladder].mean() > 0.9, "without the rule for what hangs below, the gallbladder would be added"
+    assert not _surface_lesions(liver, tissue, s, replace(LiverParams(), surface_mm=0.0)).any()
+
+
+def test_a_filled_in_lesion_is_not_followed_out_through_the_body_wall():
+    """The walk of step 9b stays in tissue that may be liver: a cyst against the wall muscle is not
+    dropped because the muscle beside it runs on beyond the liver."""
+    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
+
+    sp = (3.0, 3.0, 3.0)
+    shape = (40, 50, 50)
+    kk, jj, ii = np.indices(shape)
+    block = (kk >= 17) & (kk < 25) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 40)
+    cyst = np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 36) ** 2) * 3.0 <= 12.0
+    wall = (ii >= 40) & (ii < 45)  # the full height of the volume, beside the liver
+    hu = np.full(shape, -100.0, np.float32)
+    hu[block] = 60.0
+    hu[wall] = 12.0  # as dark as the cyst: the muscle rule, not the density, says it is not liver
+    hu[cyst] = 8.0
+    liver = (block | cyst) & ~wall
+    core = block & ~cyst
+    s = _scan_of(hu, sp)
+    kept = _drop_passing_structures(liver, core, s, LiverParams(), tissue=(hu > -20) & ~wall)
+    assert kept[cyst & liver].all()
+    walked = _drop_passing_structures(liver, core, s, LiverParams())
+    assert walked[cyst & liver].mean() < 0.5, "followed through the wall, the cyst would go"
+
+
+def test_split_at_necks_cuts_a_ball_from_a_tube_but_not_a_tube_into_segments():
+    from DADRNLesionLib.liver import _split_at_necks
+
+    sp = (2.5, 2.5, 2.5)
+    kk, jj, ii = np.indices((60, 40, 50))
+    tube = np.hypot(jj - 20, ii - 12) * 2.5 <= 10.0
+    parts = _split_at_necks(tube, sp, 12.0, 0.75)
+    assert set(np.unique(parts[tube])) == {1} and not parts[~tube].any()
+    ball = np.sqrt((kk - 30) ** 2 + (jj - 20) ** 2 + (ii - 30) ** 2) * 2.5 <= 20.0
+    parts = _split_at_necks(tube | ball, sp, 12.0, 0.75)
+    assert parts.max() == 2
+    ball_label = np.bincount(parts[ball & ~tube]).argmax()
+    tube_label = np.bincount(parts[tube & ~ball]).argmax()
+    assert ball_label != tube_label
+    assert (parts[ball & ~tube] == ball_label).mean() > 0.95 and (parts[tube & ~ball] == tube_label).mean() > 0.95
 
 
 @pytest.mark.parametrize("op", ["erode", "dilate"])

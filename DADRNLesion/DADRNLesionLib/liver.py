@@ -29,7 +29,11 @@ contrast (docs/liver.md has the accuracy, speed and parameter sensitivity):
    last `edge_mm` are grown down to that half level (next to fat, about -20 HU; next to muscle,
    the midpoint), so the surface is not drawn inside the true edge.
 9. Lesions, vessels, hilum: holes are filled per slice and in 3D, and a closing (`close_mm`) over
-   non-fat, non-muscle tissue adds hypo- and hyperdense lesions at the surface.
+   non-fat, non-muscle tissue adds hypo- and hyperdense lesions at the surface; a lesion bulging
+   further out is added when the liver wraps much of it and does not merely cover it from above (the
+   gallbladder). What the filling took in that continues outside the liver as itself (IVC, kidney
+   pole, gallbladder, portal vein trunk) is dropped again; a lesion touching such an organ is split
+   from it at the neck and kept.
 10. Full resolution: the coarse mask is interpolated at block centres and its boundary re-decided
     voxel by voxel with the same rules (band, half level), so the surface is not stair-stepped.
 """
@@ -78,6 +82,13 @@ class LiverParams:
     partial_mm: float = 1.5  # how far the surface may take in partial-volume voxels against fat (in-plane)
     passing_mm: float = 15.0  # a filled-in structure that continues this far outside the liver is not liver
     passing_radius_mm: float = 6.0  # ... and is this thick: IVC, portal vein trunk, kidney; not intrahepatic veins
+    passing_part_mm: float = 12.0  # a filled-in piece is split into parts whose centres lie this far apart ...
+    passing_neck: float = 0.75  # ... where the neck between two is thinner than this share of the thicker one
+    passing_room: float = 0.3  # the continuation outside is at least this share of the part's thickness
+    surface_mm: float = 30.0  # surface lesions: tissue up to this far outside the filled mask is looked at ...
+    surface_contact: float = 0.45  # ... and a part whose border is at least this share liver is added ...
+    surface_radius_mm: float = 5.0  # ... when it is this thick (a radius; thinner is a partial-volume sliver) ...
+    surface_below: float = 0.25  # ... and the liver lies under it for at least this share of the contact above it
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,11 +690,53 @@ def _complete(r: _Result, s: _Scan, p: LiverParams):
     liver = liver | (closed & tissue)
     liver = _fill_slices(liver)
     liver = ndi.binary_fill_holes(liver)  # 3D holes (a lesion wholly inside)
-    liver = _drop_passing_structures(liver, r.liver, s, p)
+    liver = _fill_slices(liver | _surface_lesions(liver, tissue, s, p))
+    liver = _drop_passing_structures(liver, r.liver, s, p, tissue)
     return _largest_cc(liver)
 
 
-def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams):
+def _surface_lesions(liver, tissue, s: _Scan, p: LiverParams):
+    """Lesions at the surface that bulge out further than the closing reaches.
+
+    Such a lesion is tissue beside the liver that is neither fat nor muscle (`tissue`) nor bone, and
+    the liver wraps a large share of it. Neighbouring organs touch the liver over a small share of
+    their border, or hang under it: the gallbladder in its fossa is covered by liver from above and
+    has none beneath it, so a part whose contact below is less than `surface_below` of its contact
+    above is not added. Parts are cut at necks as in `_drop_passing_structures`.
+    """
+    out = np.zeros_like(liver)
+    if p.surface_mm <= 0 or not liver.any():
+        return out
+    box = _box_around(liver, p.surface_mm + 2 * max(s.spacing), s.spacing)
+    lv = liver[box]
+    near = ndi.distance_transform_edt(~lv, sampling=s.spacing) <= p.surface_mm
+    candidate = near & ~lv & tissue[box] & (s.hu[box] < 400.0) & ~s.behind_spine[box]
+    lab, n = ndi.label(candidate)
+    vox_ml = float(np.prod(s.spacing)) / 1000.0
+    for c, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(0, a.start - 1), min(d, a.stop + 1)) for a, d in zip(sl, lab.shape))
+        comp, lvb = lab[sl] == c, lv[sl]
+        if comp.sum() * vox_ml < 0.5:
+            continue
+        parts = _split_at_necks(comp, s.spacing, p.passing_part_mm, p.passing_neck)
+        for q in range(1, int(parts.max()) + 1):
+            part = parts == q
+            if ndi.distance_transform_edt(part, sampling=s.spacing).max() < p.surface_radius_mm:
+                continue
+            shell = ndi.binary_dilation(part) & ~part
+            if (shell & lvb).sum() < p.surface_contact * shell.sum():
+                continue
+            above = (part[:-1] & lvb[1:]).sum()  # canonical axis 0 runs inferior -> superior
+            below = (part[1:] & lvb[:-1]).sum()
+            if below < p.surface_below * above:
+                continue
+            out[box][sl] |= part
+    return out
+
+
+def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None):
     """Remove what the filling added that is an organ passing by, not a part of the liver.
 
     The IVC in its groove, the upper pole of the right kidney, the gallbladder and the portal vein
@@ -692,9 +745,16 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams):
     by a ball of `passing_radius_mm` first: the IVC (about 2 cm across), the portal vein trunk
     (1.2-1.5 cm) and the kidney survive it, the hepatic veins and
     the intrahepatic portal branches, which also reach outside the liver through the IVC or the
-    trunk but belong to it, do not. Each remaining piece is followed outside the mask through tissue of
-    its own density (geodesically, 3D); one that reaches `passing_mm` beyond the liver's surface is
-    dropped, with the added voxels within one radius of it.
+    trunk but belong to it, do not.
+
+    A lesion can touch such an organ, and the two then form one filled-in piece, so each piece is
+    split at its necks (`_split_at_necks`) and each part judged alone. A part is followed outside the
+    mask through tissue of its own density (geodesically, 3D) that is at least `passing_room` as thick
+    as the part itself: an organ continues outside as itself (the IVC as a tube as wide as in the
+    groove), while a lesion that merely touches the thin cortex of the kidney or a small vessel of
+    its density does not pass through them. A part that reaches `passing_mm` beyond the liver's
+    surface is dropped, with the added voxels within one radius of it that no kept part holds. The
+    walk stays in `tissue` (no fat, no muscle) when given: an organ does not continue as the body wall.
     """
     if p.passing_mm <= 0:
         return liver
@@ -706,25 +766,92 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams):
     vox_ml = float(np.prod(s.spacing)) / 1000.0
     sizes = np.bincount(lab.ravel(), minlength=n + 1)
     outside = s.body & ~liver & (s.hu > -20)
+    if tissue is not None:
+        outside &= tissue
     reach = ndi.distance_transform_edt(~liver, sampling=s.spacing)
     steps = max(1, int(round(2 * p.passing_mm / min(s.spacing))))
     margin = [int(np.ceil(2 * p.passing_mm / sp)) + 1 for sp in s.spacing]
     drop = np.zeros_like(liver)
+    keep = np.zeros_like(liver)
     for c, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is None or sizes[c] * vox_ml < 1.0:
             continue
         box = tuple(slice(max(0, a.start - m), min(dim, a.stop + m)) for a, m, dim in zip(sl, margin, lab.shape))
-        piece = lab[box] == c
-        vals = s.hu[box][piece]
-        lo, hi = np.percentile(vals, 5) - 10.0, np.percentile(vals, 95) + 10.0
-        similar = outside[box] & (s.hu[box] >= lo) & (s.hu[box] <= hi)
-        walked = ndi.binary_dilation(piece, iterations=steps, mask=piece | similar)
-        if reach[box][walked & ~piece].max(initial=0.0) >= p.passing_mm:
-            drop[box] |= piece
+        hu = s.hu[box]
+        parts = _split_at_necks(lab[box] == c, s.spacing, p.passing_part_mm, p.passing_neck)
+        for q in range(1, int(parts.max()) + 1):
+            part = parts == q
+            if part.sum() * vox_ml < 1.0:
+                continue
+            vals = hu[part]
+            lo, hi = np.percentile(vals, 5) - 10.0, np.percentile(vals, 95) + 10.0
+            similar = outside[box] & (hu >= lo) & (hu <= hi)
+            if p.passing_room > 0:
+                own = ndi.distance_transform_edt(part, sampling=s.spacing).max()
+                room = ndi.distance_transform_edt(similar | part, sampling=s.spacing)
+                similar &= room >= p.passing_room * own
+            walked = ndi.binary_dilation(part, iterations=steps, mask=part | similar)
+            passing = reach[box][walked & ~part].max(initial=0.0) >= p.passing_mm
+            (drop if passing else keep)[box] |= part
     if not drop.any():
         return liver
-    drop = _ball_ops(drop, p.passing_radius_mm, s.spacing, "dilate") & added
+    drop = _ball_ops(drop, p.passing_radius_mm, s.spacing, "dilate") & added & ~keep
     return liver & ~drop
+
+
+def _split_at_necks(piece, spacing, part_mm: float, neck: float) -> np.ndarray:
+    """Label the parts of `piece` that meet at a neck: a lesion touching the IVC, the kidney's pole.
+
+    Seeds are the maxima of the distance to the piece's border at least `part_mm` apart; the piece is
+    flooded from them in order of decreasing distance (a watershed of the distance map). A tube is cut
+    into segments this way too, so two parts stay one where the thickest point of the border between
+    them is at least `neck` times as thick as the thicker part: segments of a tube meet at full width,
+    a ball meets what it touches at a neck.
+    """
+    edt = ndi.distance_transform_edt(piece, sampling=spacing)
+    size = [2 * max(1, int(round(part_mm / sp))) + 1 for sp in spacing]
+    full = np.ones((3, 3, 3), bool)
+    seeds, n = ndi.label(piece & (edt > 0) & (edt >= ndi.maximum_filter(edt, size=size)), structure=full)
+    if n <= 1:
+        return piece.astype(np.int32)
+    parts = seeds.astype(np.int32)
+    for level in np.arange(edt.max(), 0.0, -0.5 * min(spacing)):
+        region = piece & (edt >= level)
+        while True:
+            grown = ndi.grey_dilation(parts, footprint=full)
+            new = region & (parts == 0) & (grown > 0)
+            if not new.any():
+                break
+            parts[new] = grown[new]
+    tops = np.concatenate([[0.0], np.asarray(ndi.maximum(edt, seeds, index=np.arange(1, n + 1)))])
+    # the thickest point of each border between two parts, from pairs of face neighbours
+    a_all, b_all, w_all = [], [], []
+    for ax in range(3):
+        x, y = np.moveaxis(parts, ax, 0), np.moveaxis(edt, ax, 0)
+        m = (x[:-1] != x[1:]) & (x[:-1] > 0) & (x[1:] > 0)
+        a_all.append(np.minimum(x[:-1][m], x[1:][m]))
+        b_all.append(np.maximum(x[:-1][m], x[1:][m]))
+        w_all.append(np.minimum(y[:-1][m], y[1:][m]))
+    a, b, w = (np.concatenate(v) for v in (a_all, b_all, w_all))
+    root = np.arange(n + 1)
+
+    def find(i):
+        while root[i] != i:
+            root[i] = root[root[i]]
+            i = root[i]
+        return i
+
+    if a.size:
+        key = a.astype(np.int64) * (n + 1) + b
+        order = np.lexsort((-w, key))
+        first = np.ones(order.size, bool)
+        first[1:] = key[order][1:] != key[order][:-1]
+        for i in order[first]:  # one border per pair, at its thickest point
+            if w[i] >= neck * max(tops[a[i]], tops[b[i]]):
+                root[find(a[i])] = find(b[i])
+    labels = np.array([find(i) for i in range(n + 1)])
+    _, dense = np.unique(labels, return_inverse=True)  # 0 stays 0: root[0] == 0 is the smallest
+    return dense.reshape(labels.shape)[parts].astype(np.int32)
 
 
 def _score(liver, s: _Scan) -> float:

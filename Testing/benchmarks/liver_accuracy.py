@@ -179,6 +179,12 @@ SENSITIVITY = {
     "partial_mm": (0.0, 2.5),
     "passing_mm": (0.0, 25.0),
     "passing_radius_mm": (5.0, 8.0),
+    "passing_part_mm": (8.0, 16.0),
+    "passing_neck": (0.6, 0.9),
+    "passing_room": (0.0, 0.5),
+    "surface_mm": (0.0, 40.0),
+    "surface_contact": (0.35, 0.55),
+    "surface_below": (0.0, 0.5),
 }
 
 
