@@ -137,7 +137,8 @@ if [ -n "$INIT" ] && [ -f "$WORK/train/split.csv" ]; then
   head -24 "$WORK/train/test_init/report.txt" 2>/dev/null
   # Slice by slice, with paired intervals: whether the difference is more than the test set's noise.
   "${DADRN[@]}" compare-evaluations "$WORK/train/test_init" "$WORK/train/test" --names start trained \
-      --out "$WORK/train/compare" --quiet 2>&1 | head -20
+      --out "$WORK/train/compare" --quiet >"$WORK/logs/compare.txt" 2>&1
+  head -20 "$WORK/logs/compare.txt"
 fi
 
 # 4. Back: weights and card as files, everything else in one archive.

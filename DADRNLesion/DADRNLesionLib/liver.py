@@ -720,10 +720,13 @@ def _surface_lesions(liver, tissue, s: _Scan, p: LiverParams):
         comp, lvb = lab[sl] == c, lv[sl]
         if comp.sum() * vox_ml < 0.5:
             continue
-        parts = _split_at_necks(comp, s.spacing, p.passing_part_mm, p.passing_neck)
+        depth = ndi.distance_transform_edt(comp, sampling=s.spacing)
+        if depth.max() < p.surface_radius_mm:  # a sliver: most candidates end here
+            continue
+        parts = _split_at_necks(comp, s.spacing, p.passing_part_mm, p.passing_neck, depth)
         for q in range(1, int(parts.max()) + 1):
             part = parts == q
-            if ndi.distance_transform_edt(part, sampling=s.spacing).max() < p.surface_radius_mm:
+            if depth[part].max() < p.surface_radius_mm:
                 continue
             shell = ndi.binary_dilation(part) & ~part
             if (shell & lvb).sum() < p.surface_contact * shell.sum():
@@ -799,16 +802,17 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None)
     return liver & ~drop
 
 
-def _split_at_necks(piece, spacing, part_mm: float, neck: float) -> np.ndarray:
+def _split_at_necks(piece, spacing, part_mm: float, neck: float, edt=None) -> np.ndarray:
     """Label the parts of `piece` that meet at a neck: a lesion touching the IVC, the kidney's pole.
 
     Seeds are the maxima of the distance to the piece's border at least `part_mm` apart; the piece is
     flooded from them in order of decreasing distance (a watershed of the distance map). A tube is cut
     into segments this way too, so two parts stay one where the thickest point of the border between
     them is at least `neck` times as thick as the thicker part: segments of a tube meet at full width,
-    a ball meets what it touches at a neck.
+    a ball meets what it touches at a neck. `edt`, the piece's distance map, when already at hand.
     """
-    edt = ndi.distance_transform_edt(piece, sampling=spacing)
+    if edt is None:
+        edt = ndi.distance_transform_edt(piece, sampling=spacing)
     size = [2 * max(1, int(round(part_mm / sp))) + 1 for sp in spacing]
     full = np.ones((3, 3, 3), bool)
     seeds, n = ndi.label(piece & (edt > 0) & (edt >= ndi.maximum_filter(edt, size=size)), structure=full)

@@ -49,9 +49,10 @@ def run(args) -> int:
         if taken:
             raise OutputExistsError(f"{args.out} already holds {', '.join(taken)}: choose another --out, or add --overwrite to replace them")
     result = compare_evaluations(args.baseline, args.candidate, n_resamples=args.resamples, level=args.level, names=args.names)
+    if args.out is not None:  # the files first: a reader that stops early (| head) must not lose them
+        write_comparison(result, args.out)
     print(format_comparison(result))
     if args.out is not None:
-        write_comparison(result, args.out)
         args.reporter.info(f"wrote {args.out}")
     args.reporter.done(out=str(args.out) if args.out else None)
     return 0
