@@ -259,7 +259,6 @@ def summarise(r: EvalResult) -> dict[str, Any]:
     return out
 
 
-
 def plot_confusion(cm: np.ndarray, path: Path, title: str = "") -> Optional[Path]:
     try:
         import matplotlib
