@@ -423,3 +423,69 @@ def test_inplane_depth_equals_a_3d_transform_with_infinite_z_spacing():
     other = [k for k in range(6) if k != 2]
     np.testing.assert_allclose(got[other], ref[other].astype(np.float32), rtol=1e-6)
     assert np.isinf(got[2]).all() and (ref[2] > 1e5).all()
+
+
+def test_a_passing_tube_is_followed_through_thin_fillings_and_takes_its_blurred_rim():
+    """The IVC some 20 HU brighter than the liver: the band took its blurred rim as liver, so near the
+    top only a thin filled channel joins the thick part to the tube going on above the liver, and
+    below it the tube is as dark as the liver (no way out there). The walk goes on through the thin
+    filling, and the rim nearer the tube's level than the liver's goes with the tube."""
+    from dataclasses import replace
+
+    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
+
+    sp = (3.0, 3.0, 3.0)
+    shape = (40, 50, 50)
+    kk, jj, ii = np.indices(shape)
+    block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    r = np.hypot(jj - 25, ii - 16) * 3.0
+    tube = r <= 12.0
+    rim = tube & (r > 7.5)  # outer 4.5 mm: blurred, within the band
+    hu = np.full(shape, -100.0, np.float32)
+    hu[block] = 60.0
+    hu[tube] = 90.0
+    hu[rim] = 80.0  # nearer the tube than the liver
+    hu[tube & (kk < 10)] = 60.0  # below the liver the tube is isodense: the walk cannot leave there
+    core = block & ~tube
+    core |= block & rim  # the band took the rim everywhere ...
+    top = block & (kk >= 26)
+    core |= top & tube & (r > 4.5)  # ... and near the top all but a thin channel
+    s = _scan_of(hu, sp)
+    local = np.full(shape, 60.0, np.float32)
+    p = LiverParams()
+    out = _drop_passing_structures(block, core, s, p, tissue=hu > -20, local=local)
+    assert out[tube & block & (kk < 26)].mean() < 0.1, "the tube and its rim leave the mask"
+    assert out[block & ~tube].all(), "the liver beside it stays"
+    stuck = _drop_passing_structures(block, core, s, replace(p, passing_tube=0.0), tissue=hu > -20, local=local)
+    assert stuck[tube & block & (kk < 26)].all(), "not followed through the thin channel, the tube would stay"
+    no_rim = _drop_passing_structures(block, core, s, replace(p, passing_rim_mm=0.0), tissue=hu > -20, local=local)
+    assert no_rim[rim & block & (kk < 26)].all(), "without the rim rule the blurred rim stays liver"
+    assert not no_rim[tube & ~rim & block & (kk < 26) & (r <= 4.5)].any(), "... while the tube itself goes"
+
+
+def test_a_round_lesion_is_not_followed_through_a_thin_filling_to_the_gallbladder():
+    """Only a tube may walk through thin fillings: a cyst joined by a thin filled strip of fluid to the
+    gallbladder, which goes on outside the liver, stays liver."""
+    from dataclasses import replace
+
+    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
+
+    sp = (3.0, 3.0, 3.0)
+    shape = (40, 50, 50)
+    kk, jj, ii = np.indices(shape)
+    block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    cyst = np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 33) ** 2) * 3.0 <= 12.0
+    strip = (kk >= 19) & (kk < 22) & (jj >= 24) & (jj < 27) & (ii >= 36) & (ii < 42)  # 9 mm across, to the surface
+    gallbladder = np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 46) ** 2) * 3.0 <= 15.0
+    hu = np.full(shape, -100.0, np.float32)
+    hu[block] = 60.0
+    hu[cyst | strip | gallbladder] = 10.0
+    liver = block & ~gallbladder  # the gallbladder lies in its fossa, outside the liver
+    core = block & ~cyst & ~strip & ~gallbladder
+    s = _scan_of(hu, sp)
+    p = LiverParams()
+    out = _drop_passing_structures(liver, core, s, p, tissue=hu > -20, local=np.full(shape, 60.0, np.float32))
+    assert out[cyst].all(), "the cyst is liver"
+    anything = _drop_passing_structures(liver, core, s, replace(p, passing_tube=0.5), tissue=hu > -20,
+                                        local=np.full(shape, 60.0, np.float32))
+    assert anything[cyst].mean() < 0.5, "if any part could walk through thin fillings, the cyst would go"

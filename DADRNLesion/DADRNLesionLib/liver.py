@@ -32,8 +32,8 @@ contrast (docs/liver.md has the accuracy, speed and parameter sensitivity):
    non-fat, non-muscle tissue adds hypo- and hyperdense lesions at the surface; a lesion bulging
    further out is added when the liver wraps much of it and does not merely cover it from above (the
    gallbladder). What the filling took in that continues outside the liver as itself (IVC, kidney
-   pole, gallbladder, portal vein trunk) is dropped again; a lesion touching such an organ is split
-   from it at the neck and kept.
+   pole, gallbladder, portal vein trunk) is dropped again, with the blurred rim of it that the band
+   had taken; a lesion touching such an organ is split from it at the neck and kept.
 10. Full resolution: the coarse mask is interpolated at block centres and its boundary re-decided
     voxel by voxel with the same rules (band, half level), so the surface is not stair-stepped.
 """
@@ -85,6 +85,8 @@ class LiverParams:
     passing_part_mm: float = 12.0  # a filled-in piece is split into parts whose centres lie this far apart ...
     passing_neck: float = 0.75  # ... where the neck between two is thinner than this share of the thicker one
     passing_room: float = 0.3  # the continuation outside is at least this share of the part's thickness
+    passing_tube: float = 2.0  # a part this elongated (length / width) may be followed through thin fillings
+    passing_rim_mm: float = 6.0  # a dropped organ's partial-volume rim, up to this deep in the band, goes with it
     surface_mm: float = 30.0  # surface lesions: tissue up to this far outside the filled mask is looked at ...
     surface_contact: float = 0.45  # ... and a part whose border is at least this share liver is added ...
     surface_radius_mm: float = 5.0  # ... when it is this thick (a radius; thinner is a partial-volume sliver) ...
@@ -691,7 +693,7 @@ def _complete(r: _Result, s: _Scan, p: LiverParams):
     liver = _fill_slices(liver)
     liver = ndi.binary_fill_holes(liver)  # 3D holes (a lesion wholly inside)
     liver = _fill_slices(liver | _surface_lesions(liver, tissue, s, p))
-    liver = _drop_passing_structures(liver, r.liver, s, p, tissue)
+    liver = _drop_passing_structures(liver, r.liver, s, p, tissue, r.local)
     return _largest_cc(liver)
 
 
@@ -739,7 +741,7 @@ def _surface_lesions(liver, tissue, s: _Scan, p: LiverParams):
     return out
 
 
-def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None):
+def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None, local=None):
     """Remove what the filling added that is an organ passing by, not a part of the liver.
 
     The IVC in its groove, the upper pole of the right kidney, the gallbladder and the portal vein
@@ -758,6 +760,15 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None)
     its density does not pass through them. A part that reaches `passing_mm` beyond the liver's
     surface is dropped, with the added voxels within one radius of it that no kept part holds. The
     walk stays in `tissue` (no fat, no muscle) when given: an organ does not continue as the body wall.
+    A tube (a part at least `passing_tube` times as long as it is wide: the IVC, not a lesion) may also
+    walk through the thin fillings the opening removed, at its own density: where the band took a
+    tube's blurred edge, only a thin filled channel may join it to where it leaves the liver. A round
+    lesion may not: a thin filling is also what lies between a cyst and the gallbladder.
+
+    An organ only some 20 HU off the liver level (the IVC in the arterial phase) has a rim of blurred,
+    noisy voxels within the intensity band, which the band took as liver (`core`). With the liver
+    level field `local`, that rim, up to `passing_rim_mm` deep, goes with the organ where a voxel is
+    nearer the organ's own level (its median) than the liver's: the edge re-decided at the half level.
     """
     if p.passing_mm <= 0:
         return liver
@@ -771,6 +782,7 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None)
     outside = s.body & ~liver & (s.hu > -20)
     if tissue is not None:
         outside &= tissue
+    thin = added & ~thick  # fillings the opening removed: vessel ends, blurred channels
     reach = ndi.distance_transform_edt(~liver, sampling=s.spacing)
     steps = max(1, int(round(2 * p.passing_mm / min(s.spacing))))
     margin = [int(np.ceil(2 * p.passing_mm / sp)) + 1 for sp in s.spacing]
@@ -789,6 +801,9 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None)
             vals = hu[part]
             lo, hi = np.percentile(vals, 5) - 10.0, np.percentile(vals, 95) + 10.0
             similar = outside[box] & (hu >= lo) & (hu <= hi)
+            if p.passing_tube > 0 and _elongation(part, s.spacing) >= p.passing_tube:
+                q1, q3 = np.percentile(vals, [25, 75])  # the tube's own density, not its blurred edge
+                similar |= thin[box] & (hu >= q1 - 10.0) & (hu <= q3 + 10.0)
             if p.passing_room > 0:
                 own = ndi.distance_transform_edt(part, sampling=s.spacing).max()
                 room = ndi.distance_transform_edt(similar | part, sampling=s.spacing)
@@ -799,7 +814,37 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None)
     if not drop.any():
         return liver
     drop = _ball_ops(drop, p.passing_radius_mm, s.spacing, "dilate") & added & ~keep
+    if local is not None and p.passing_rim_mm > 0 and drop.any():
+        drop |= _organ_rim(drop, liver & core & ~keep, s, local, p.passing_rim_mm)
     return liver & ~drop
+
+
+def _organ_rim(organ, band_liver, s: _Scan, local, rim_mm: float):
+    """The voxels of `band_liver` within `rim_mm` of `organ` (geodesically) that lie nearer each
+    organ component's median HU than the local liver level."""
+    lab, n = ndi.label(organ)
+    level = np.zeros(n + 1, np.float32)
+    level[1:] = ndi.median(s.hu, lab, index=np.arange(1, n + 1))
+    steps = max(1, int(round(rim_mm / min(s.spacing))))
+    box = _box_around(organ, rim_mm + 2 * max(s.spacing), s.spacing)
+    sub_lab, hu, loc, cand = lab[box], s.hu[box], local[box], band_liver[box]
+    # the nearest component's level decides for each voxel (the organs rarely touch)
+    dist, idx = ndi.distance_transform_edt(sub_lab == 0, sampling=s.spacing, return_indices=True)
+    own = level[sub_lab[tuple(idx)]]
+    closer = cand & (dist <= rim_mm) & (np.abs(hu - own) < np.abs(hu - loc))
+    grown = ndi.binary_dilation(sub_lab > 0, iterations=steps, mask=(sub_lab > 0) | closer)
+    out = np.zeros_like(organ)
+    out[box] = grown & ~(sub_lab > 0)
+    return out
+
+
+def _elongation(part, spacing) -> float:
+    """Length over width of a part from its principal axes (a rod of length L and diameter d: L/d)."""
+    pts = np.argwhere(part) * np.asarray(spacing)
+    if len(pts) < 4:
+        return 0.0
+    ev = np.sort(np.linalg.eigvalsh(np.cov(pts.T)))[::-1]
+    return float(np.sqrt(12.0 * max(ev[0], 0.0)) / (4.0 * np.sqrt(max(ev[1], 1e-6))))
 
 
 def _split_at_necks(piece, spacing, part_mm: float, neck: float, edt=None) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Liver segmentation accuracy: Dice and HD95 per case on the real cases and the phantom test set.
 
-    python Testing/benchmarks/liver_accuracy.py [--real-only | --phantom-only] [--sensitivity]
-        [--lesion-set N] [--param NAME=VALUE ...]
+    python Testing/benchmarks/liver_accuracy.py [--real-only | --phantom-only] [--sensitivity
+        [--sensitivity-of NAME ...]] [--lesion-set N] [--param NAME=VALUE ...]
 
 `--lesion-set N` adds the first N phantoms drawn as the training data are (`phantom.generate_cases`,
 seed 777: several lesions, hard draws at the surface and beside vessels) and reports how much of
@@ -182,19 +182,22 @@ SENSITIVITY = {
     "passing_part_mm": (8.0, 16.0),
     "passing_neck": (0.6, 0.9),
     "passing_room": (0.0, 0.5),
+    "passing_rim_mm": (0.0, 9.0),
     "surface_mm": (0.0, 40.0),
     "surface_contact": (0.35, 0.55),
     "surface_below": (0.0, 0.5),
 }
 
 
-def sensitivity(cases: list[Case], base: LiverParams):
+def sensitivity(cases: list[Case], base: LiverParams, names_only=None):
     ref = {c.name: evaluate(c, base)["dice"] for c in cases}
     names = [c.name for c in cases]
     print("\nParameter sensitivity: Dice change vs the defaults (mean over cases; worst case in brackets)")
     print("| parameter | default | value | mean ΔDice | worst ΔDice (case) |")
     print("|---|---|---|---|---|")
     for pname, values in SENSITIVITY.items():
+        if names_only and pname not in names_only:
+            continue
         for val in values:
             p = replace(base, **{pname: val})
             d = [evaluate(c, p)["dice"] - ref[c.name] for c in cases]
@@ -207,6 +210,8 @@ def main(argv=None) -> int:
     ap.add_argument("--real-only", action="store_true")
     ap.add_argument("--phantom-only", action="store_true")
     ap.add_argument("--sensitivity", action="store_true", help="also vary each parameter and report Dice change")
+    ap.add_argument("--sensitivity-of", nargs="*", default=None, metavar="NAME",
+                    help="with --sensitivity: vary only these parameters")
     ap.add_argument("--phantoms", type=int, default=10)
     ap.add_argument("--lesion-set", type=int, default=0, metavar="N", help="also the first N training-like phantoms (seed 777)")
     ap.add_argument("--param", nargs="*", default=[], metavar="NAME=VALUE", help="LiverParams values other than the defaults")
@@ -243,7 +248,10 @@ def main(argv=None) -> int:
             print(f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}, min {min(r['dice'] for r in rows):.3f}")
             print(lesion_summary(rows))
     if a.sensitivity:
-        sensitivity(real + ph, params)
+        unknown = [n for n in a.sensitivity_of or [] if n not in SENSITIVITY]
+        if unknown:
+            ap.error(f"--sensitivity-of: no sensitivity values for {', '.join(unknown)} (known: {', '.join(SENSITIVITY)})")
+        sensitivity(real + ph, params, a.sensitivity_of)
     return 0
 
 
