@@ -489,3 +489,34 @@ def test_a_round_lesion_is_not_followed_through_a_thin_filling_to_the_gallbladde
     anything = _drop_passing_structures(liver, core, s, replace(p, passing_tube=0.5), tissue=hu > -20,
                                         local=np.full(shape, 60.0, np.float32))
     assert anything[cyst].mean() < 0.5, "if any part could walk through thin fillings, the cyst would go"
+
+
+def test_a_tube_running_on_in_a_groove_of_the_liver_is_dropped():
+    """Under the dome the IVC leaves the mask into a groove the liver wraps on three sides: it runs on
+    outside the mask without getting `passing_mm` away from it before the scan ends. A tube counts
+    the length of its run outside; a round lesion would have to get that far away."""
+    from dataclasses import replace
+
+    from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
+
+    sp = (3.0, 3.0, 3.0)
+    shape = (40, 50, 50)  # the scan ends 12 mm above the liver
+    kk, jj, ii = np.indices(shape)
+    block = (kk >= 8) & (kk < 36) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    tube = np.hypot(jj - 25, ii - 20) * 3.0 <= 9.0
+    groove = (kk >= 26) & (jj >= 25) & (np.abs(ii - 20) * 3.0 <= 9.0)  # open to the back, as wide as the tube
+    hu = np.full(shape, -100.0, np.float32)
+    hu[block] = 60.0
+    hu[tube] = 120.0
+    hu[tube & (kk < 8)] = 60.0  # no way out below
+    liver = block & ~((tube | groove) & (kk >= 26))
+    hu[groove & ~tube & block] = -100.0
+    core = liver & ~tube
+    s = _scan_of(hu, sp)
+    p = LiverParams()
+    local = np.full(shape, 60.0, np.float32)
+    out = _drop_passing_structures(liver, core, s, p, tissue=hu > -20, local=local)
+    assert out[tube & liver].mean() < 0.1, "the tube leaves the mask"
+    assert out[core].all()
+    stays = _drop_passing_structures(liver, core, s, replace(p, passing_tube=0.0), tissue=hu > -20, local=local)
+    assert stays[tube & liver].all(), "judged by its distance from the liver alone, it would stay"

@@ -763,7 +763,10 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None,
     A tube (a part at least `passing_tube` times as long as it is wide: the IVC, not a lesion) may also
     walk through the thin fillings the opening removed, at its own density: where the band took a
     tube's blurred edge, only a thin filled channel may join it to where it leaves the liver. A round
-    lesion may not: a thin filling is also what lies between a cyst and the gallbladder.
+    lesion may not: a thin filling is also what lies between a cyst and the gallbladder. A tube also
+    passes when it runs on outside the mask for `passing_mm` (the IVC leaving the mask into a deep
+    groove under the dome never gets far from the liver), and through segments of itself already
+    dropped (a tube of uneven width is cut into segments at its necks).
 
     An organ only some 20 HU off the liver level (the IVC in the arterial phase) has a rim of blurred,
     noisy voxels within the intensity band, which the band took as liver (`core`). With the liver
@@ -788,6 +791,36 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None,
     margin = [int(np.ceil(2 * p.passing_mm / sp)) + 1 for sp in s.spacing]
     drop = np.zeros_like(liver)
     keep = np.zeros_like(liver)
+    tubes_kept = []
+
+    def walk(part, similar, box, tube=False):
+        """Does `part` reach `passing_mm` beyond the surface through `similar` tissue with room (a
+        tube: or run on outside the mask for `passing_mm`, within twice the usual walk)?"""
+        if p.passing_room > 0:
+            own = ndi.distance_transform_edt(part, sampling=s.spacing).max()
+            room = ndi.distance_transform_edt(similar | part, sampling=s.spacing)
+            similar = similar & (room >= p.passing_room * own)
+        if not tube:
+            walked = ndi.binary_dilation(part, iterations=steps, mask=part | similar)
+            return reach[box][walked & ~part].max(initial=0.0) >= p.passing_mm
+        # a tube in a deep groove (the IVC under the dome) runs on outside the mask without getting
+        # far from it: the length of its run outside counts too
+        out_b = ~liver[box]
+        front, walked, first_out = part, part, None
+        for k in range(1, 2 * steps + 1):
+            grown = ndi.binary_dilation(front, mask=part | similar) & ~walked
+            if not grown.any():
+                return False
+            walked = walked | grown
+            front = grown
+            if first_out is None and (grown & out_b).any():
+                first_out = k
+            if reach[box][grown].max(initial=0.0) >= p.passing_mm:
+                return True
+            if first_out is not None and (k - first_out) * min(s.spacing) >= p.passing_mm and (grown & out_b).any():
+                return True
+        return False
+
     for c, sl in enumerate(ndi.find_objects(lab), start=1):
         if sl is None or sizes[c] * vox_ml < 1.0:
             continue
@@ -801,16 +834,26 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None,
             vals = hu[part]
             lo, hi = np.percentile(vals, 5) - 10.0, np.percentile(vals, 95) + 10.0
             similar = outside[box] & (hu >= lo) & (hu <= hi)
-            if p.passing_tube > 0 and _elongation(part, s.spacing) >= p.passing_tube:
+            tube = p.passing_tube > 0 and _elongation(part, s.spacing) >= p.passing_tube
+            if tube:
                 q1, q3 = np.percentile(vals, [25, 75])  # the tube's own density, not its blurred edge
-                similar |= thin[box] & (hu >= q1 - 10.0) & (hu <= q3 + 10.0)
-            if p.passing_room > 0:
-                own = ndi.distance_transform_edt(part, sampling=s.spacing).max()
-                room = ndi.distance_transform_edt(similar | part, sampling=s.spacing)
-                similar &= room >= p.passing_room * own
-            walked = ndi.binary_dilation(part, iterations=steps, mask=part | similar)
-            passing = reach[box][walked & ~part].max(initial=0.0) >= p.passing_mm
+                own_density = (hu >= q1 - 10.0) & (hu <= q3 + 10.0)
+                similar |= thin[box] & own_density
+            passing = walk(part, similar, box, tube)
             (drop if passing else keep)[box] |= part
+            if tube and not passing:
+                tubes_kept.append((box, part, similar | own_density))
+    # a tube cut into segments (an uneven IVC) leaves the liver through the segments already dropped
+    changed = True
+    while changed and tubes_kept and drop.any():
+        changed = False
+        for t in list(tubes_kept):
+            box, part, similar = t
+            if walk(part, similar & (outside[box] | thin[box] | drop[box]), box, True):
+                drop[box] |= part
+                keep[box] &= ~part
+                tubes_kept.remove(t)
+                changed = True
     if not drop.any():
         return liver
     drop = _ball_ops(drop, p.passing_radius_mm, s.spacing, "dilate") & added & ~keep

@@ -182,9 +182,11 @@ SENSITIVITY = {
     "passing_part_mm": (8.0, 16.0),
     "passing_neck": (0.6, 0.9),
     "passing_room": (0.0, 0.5),
+    "passing_tube": (1.5, 3.0),
     "passing_rim_mm": (0.0, 9.0),
     "surface_mm": (0.0, 40.0),
     "surface_contact": (0.35, 0.55),
+    "surface_radius_mm": (3.5, 7.0),
     "surface_below": (0.0, 0.5),
 }
 
