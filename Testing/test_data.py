@@ -284,6 +284,9 @@ def test_a_cache_of_reference_masks_is_not_reused_for_the_automatic_source(tmp_p
     second = json.loads((tmp_path / "c" / "cache.json").read_text())
     assert second["source"]["liver"] == {"source": "automatic", "method": D.liver_method_fingerprint()}
     assert "liver" not in first["source"]
+    # What `evaluate --record-in-card` names as the method the figures hold for.
+    assert D.liver_methods(second["source"]) == [D.liver_method_fingerprint()]
+    assert D.liver_methods(first["source"]) == []
     # Masks made by an earlier version of the automatic method are not reused either.
     stale = {**second, "source": {**second["source"], "liver": {"source": "automatic", "method": {"liver.py": "0" * 16}}}}
     (tmp_path / "c" / "cache.json").write_text(json.dumps(stale))

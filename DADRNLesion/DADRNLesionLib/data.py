@@ -347,24 +347,35 @@ def prepare_case(
     return CaseVolumes(case_id, axial, axial.with_array(liv), lesion_vol, labels, input_k, patient_id or case_id, group, split, subgroup)
 
 
+def _data_sources(record: Any) -> Iterator[dict]:
+    """Each data source's fingerprint inside a record (a cache's `source`, a model card's training data)."""
+    if isinstance(record, dict):
+        if "phantoms" in record or isinstance(record.get("data"), list):
+            yield record
+            return
+        for value in record.values():
+            yield from _data_sources(value)
+    elif isinstance(record, list):
+        for value in record:
+            yield from _data_sources(value)
+
+
 def liver_sources(record: Any) -> set[str]:
     """Which liver masks the data sources in a fingerprint record (a cache's `source`, a model
     card's training data) were masked with: "reference" and/or "automatic"; empty without a record."""
-    found: set[str] = set()
+    return {str(node["liver"].get("source", "reference")) if isinstance(node.get("liver"), dict) else "reference"
+            for node in _data_sources(record)}
 
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            if "phantoms" in node or isinstance(node.get("data"), list):  # one data source's fingerprint
-                liver = node.get("liver")
-                found.add(str(liver.get("source", "reference")) if isinstance(liver, dict) else "reference")
-                return
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
 
-    walk(record)
+def liver_methods(record: Any) -> list[dict]:
+    """The automatic liver methods (sha256 of their source) a fingerprint record's masks came from:
+    figures measured on automatic masks hold for that method only."""
+    found: list[dict] = []
+    for node in _data_sources(record):
+        liver = node.get("liver")
+        if isinstance(liver, dict) and liver.get("source") == "automatic" and isinstance(liver.get("method"), dict):
+            if liver["method"] not in found:
+                found.append(liver["method"])
     return found
 
 

@@ -70,9 +70,10 @@ def run(args) -> int:
     title = f"{loaded.card.model_id} on {len(set(result.case_id.tolist()))} cases"
     write_report(result, args.out, title=title)
     if args.record_in_card:
-        from ..data import liver_sources
+        from ..data import liver_methods, liver_sources
 
-        _record(args.weights, args.record_in_card, result, args, liver=" and ".join(sorted(liver_sources(cache.source))) or "unrecorded")
+        _record(args.weights, args.record_in_card, result, args, liver=" and ".join(sorted(liver_sources(cache.source))) or "unrecorded",
+                methods=liver_methods(cache.source))
         args.reporter.info(f"recorded the figures in the model card under metrics.{args.record_in_card}")
     if not args.quiet:
         print(result.text())
@@ -81,7 +82,7 @@ def run(args) -> int:
     return 0
 
 
-def _record(weights, name: str, result, args, liver: str = "unrecorded") -> None:
+def _record(weights, name: str, result, args, liver: str = "unrecorded", methods: list | None = None) -> None:
     """Write the evaluation into the card next to `weights` (the card's sha256 covers the weights only)."""
     import json
     import os
@@ -98,6 +99,8 @@ def _record(weights, name: str, result, args, liver: str = "unrecorded") -> None
         "slices": "every labelled slice" if args.normal_per_case is None else f"at most {args.normal_per_case} normal slices per case",
         "liver_masks": liver,
     }
+    if methods:
+        entry["evaluated_on"]["liver_method"] = methods  # automatic masks: the figures hold for this method
     card.setdefault("metrics", {})[name] = entry
     tmp = card_path.with_suffix(".json.partial")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
