@@ -247,15 +247,19 @@ def test_surface_takes_in_voxels_that_are_more_liver_than_fat():
     assert np.array_equal(out, mask)
 
 
+def _scene_3mm():
+    """The synthetic scene of the step-9b tests: 3 mm voxels, 40x50x50, and a liver block 60 mm tall."""
+    sp, shape = (3.0, 3.0, 3.0), (40, 50, 50)
+    kk, jj, ii = np.indices(shape)
+    return sp, shape, kk, jj, ii, (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+
+
 def test_a_vessel_passing_by_is_dropped_but_a_lesion_and_thin_veins_are_kept():
     """Filled-in pieces: the IVC-like tube continues far outside the liver (dropped); a lesion
     wholly inside and a thin vein joining the tube stay liver."""
     from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
 
-    sp = (3.0, 3.0, 3.0)
-    shape = (40, 50, 50)
-    kk, jj, ii = np.indices(shape)
-    liver_block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    sp, shape, kk, jj, ii, liver_block = _scene_3mm()
     ivc = np.hypot(jj - 25, ii - 16) * 3.0 <= 12.0  # 24 mm across, top to bottom of the volume
     lesion = np.sqrt((kk - 15) ** 2 + (jj - 35) ** 2 + (ii - 33) ** 2) * 3.0 <= 10.0
     vein = (np.hypot(kk - 20, jj - 25) * 3.0 <= 4.5) & (ii >= 16) & (ii < 38)  # thin, joins the tube
@@ -296,10 +300,7 @@ def test_a_lesion_touching_a_passing_vessel_stays_when_the_vessel_goes():
 
     from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
 
-    sp = (3.0, 3.0, 3.0)
-    shape = (40, 50, 50)
-    kk, jj, ii = np.indices(shape)
-    liver_block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    sp, shape, kk, jj, ii, liver_block = _scene_3mm()
     ivc = np.hypot(jj - 25, ii - 16) * 3.0 <= 12.0
     lesion = (np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 24) ** 2) * 3.0 <= 15.0) & ~ivc
     hu = np.full(shape, -100.0, np.float32)
@@ -351,9 +352,7 @@ def test_a_filled_in_lesion_is_not_followed_out_through_the_body_wall():
     dropped because the muscle beside it runs on beyond the liver."""
     from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
 
-    sp = (3.0, 3.0, 3.0)
-    shape = (40, 50, 50)
-    kk, jj, ii = np.indices(shape)
+    sp, shape, kk, jj, ii, _ = _scene_3mm()
     block = (kk >= 17) & (kk < 25) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 40)
     cyst = np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 36) ** 2) * 3.0 <= 12.0
     wall = (ii >= 40) & (ii < 45)  # the full height of the volume, beside the liver
@@ -434,10 +433,7 @@ def test_a_passing_tube_is_followed_through_thin_fillings_and_takes_its_blurred_
 
     from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
 
-    sp = (3.0, 3.0, 3.0)
-    shape = (40, 50, 50)
-    kk, jj, ii = np.indices(shape)
-    block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    sp, shape, kk, jj, ii, block = _scene_3mm()
     r = np.hypot(jj - 25, ii - 16) * 3.0
     tube = r <= 12.0
     rim = tube & (r > 7.5)  # outer 4.5 mm: blurred, within the band
@@ -470,10 +466,7 @@ def test_a_round_lesion_is_not_followed_through_a_thin_filling_to_the_gallbladde
 
     from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
 
-    sp = (3.0, 3.0, 3.0)
-    shape = (40, 50, 50)
-    kk, jj, ii = np.indices(shape)
-    block = (kk >= 10) & (kk < 30) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
+    sp, shape, kk, jj, ii, block = _scene_3mm()
     cyst = np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 33) ** 2) * 3.0 <= 12.0
     strip = (kk >= 19) & (kk < 22) & (jj >= 24) & (jj < 27) & (ii >= 36) & (ii < 42)  # 9 mm across, to the surface
     gallbladder = np.sqrt((kk - 20) ** 2 + (jj - 25) ** 2 + (ii - 46) ** 2) * 3.0 <= 15.0
@@ -499,9 +492,7 @@ def test_a_tube_running_on_in_a_groove_of_the_liver_is_dropped():
 
     from DADRNLesionLib.liver import LiverParams, _drop_passing_structures
 
-    sp = (3.0, 3.0, 3.0)
-    shape = (40, 50, 50)  # the scan ends 12 mm above the liver
-    kk, jj, ii = np.indices(shape)
+    sp, shape, kk, jj, ii, _ = _scene_3mm()  # the scan ends 12 mm above the liver
     block = (kk >= 8) & (kk < 36) & (jj >= 8) & (jj < 42) & (ii >= 8) & (ii < 42)
     tube = np.hypot(jj - 25, ii - 20) * 3.0 <= 9.0
     groove = (kk >= 26) & (jj >= 25) & (np.abs(ii - 20) * 3.0 <= 9.0)  # open to the back, as wide as the tube

@@ -218,6 +218,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lesion-set", type=int, default=0, metavar="N", help="also the first N training-like phantoms (seed 777)")
     ap.add_argument("--param", nargs="*", default=[], metavar="NAME=VALUE", help="LiverParams values other than the defaults")
     a = ap.parse_args(argv)
+    unknown = [n for n in a.sensitivity_of or [] if n not in SENSITIVITY]  # before hours of work, not after
+    if unknown:
+        ap.error(f"--sensitivity-of: no sensitivity values for {', '.join(unknown)} (known: {', '.join(SENSITIVITY)})")
     params = LiverParams()
     for item in a.param:
         name, _, value = item.partition("=")
@@ -250,9 +253,6 @@ def main(argv=None) -> int:
             print(f"mean Dice {np.mean([r['dice'] for r in rows]):.3f}, min {min(r['dice'] for r in rows):.3f}")
             print(lesion_summary(rows))
     if a.sensitivity:
-        unknown = [n for n in a.sensitivity_of or [] if n not in SENSITIVITY]
-        if unknown:
-            ap.error(f"--sensitivity-of: no sensitivity values for {', '.join(unknown)} (known: {', '.join(SENSITIVITY)})")
         sensitivity(real + ph, params, a.sensitivity_of)
     return 0
 
