@@ -235,6 +235,17 @@ def test_the_generators_hard_draws_travel_as_a_subgroup_to_the_cache_and_the_cas
     assert [r.subgroup for r in D.read_cases(tmp_path / "set" / "cases.csv")] == [D.synthetic_subgroup(c) for c in made]
 
 
+def test_painted_in_cases_of_other_seeds_can_join_one_cache(real_data, tmp_path):
+    """Each session paints new lesions into the same scans; their case ids must not collide, or
+    the caches of two sessions could not be merged."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "dcmqi_ct3slice").symlink_to(real_data / "dcmqi_ct3slice")
+    ids = {seed: [c.case_id for c in D.synthetic_cases(0, seed, real_dir=tmp_path / "real", real_rounds=2)]
+           for seed in (7, 8)}
+    assert len(ids[7]) == 2 * len(CLASS_NAMES) and len(set(ids[7])) == len(ids[7])
+    assert not set(ids[7]) & set(ids[8])
+
+
 def test_caches_merge_and_thin_without_losing_lesion_slices_or_their_outlines():
     spec = InputSpec(size=32)
     a = D.build_cache([D.prepare_case("a", *case_with_lesions())], spec)

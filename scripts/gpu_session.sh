@@ -91,7 +91,7 @@ else
 fi
 # The real scans with lesions painted in (their own patients for the split; REAL_HOLDOUT's cases
 # go to the test split only), generated beside the phantoms; a warm machine's previous cache
-# already holds them (their case ids do not depend on the seed).
+# already holds draws of them, which this run keeps rather than spending its time on more.
 if [ -n "$REAL" ] && [ -d "$REAL" ] && [ ! -f "$WORK/cache/all/cache.json" ]; then
   log "real backgrounds: $REAL, $REAL_ROUNDS rounds of seed $REAL_SEED, held out: $REAL_HOLDOUT"
   "${DADRN[@]}" dataset cache --phantoms 0 --phantom-seed "$REAL_SEED" --real-background "$REAL" --real-rounds "$REAL_ROUNDS" \

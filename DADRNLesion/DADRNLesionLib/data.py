@@ -425,7 +425,8 @@ def synthetic_cases(
 
     Each real-background case is its own patient for the split: only its lesions are new, the
     scan's anatomy is shared with the other draws, which the evaluation report must say. Scans
-    named in `real_holdout` go to the test split only, as scans never seen in training.
+    named in `real_holdout` go to the test split only, as scans never seen in training. The case id
+    names the seed and the round, so that draws made with other seeds can join the same cache.
     """
     from . import phantom
 
@@ -437,7 +438,7 @@ def synthetic_cases(
         round_seed = int(np.random.SeedSequence([int(seed), 0x4EA1, r]).generate_state(1)[0])
         for case in phantom.real_cases(real_dir, round_seed):
             name = case.meta.get("real_case", case.case_id)
-            cid = f"{case.case_id}_r{r}"
+            cid = f"{case.case_id}_s{int(seed)}_r{r}"
             yield SyntheticCase(cid, case.ct, case.liver, case.lesion, cid, f"real:{name}",
                                 "test" if name in real_holdout else "", case.meta)
 
