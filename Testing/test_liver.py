@@ -121,6 +121,16 @@ def test_phantom_case_without_real_data():
     assert dice(m.array, pc.liver.array) >= 0.85
 
 
+def test_a_phantom_whose_kept_tubes_are_released_one_after_another_is_segmented():
+    """Phantom 3 of seed 712 keeps several tube segments that later leave through segments
+    already dropped; releasing one of them once stopped the segmentation with an error."""
+    from DADRNLesionLib.phantom import case_plan, generate_case
+
+    case_id, case_seed, cls = case_plan(4, 712)[3]
+    pc = generate_case(case_seed, cls)
+    assert dice(segment_liver(pc.ct).array, pc.liver.array) >= 0.9
+
+
 def _air(shape=(8, 64, 64)):
     return Volume(np.full(shape, -1000, np.int16), (2.0, 2.0, 5.0))
 

@@ -847,13 +847,15 @@ def _drop_passing_structures(liver, core, s: _Scan, p: LiverParams, tissue=None,
     changed = True
     while changed and tubes_kept and drop.any():
         changed = False
-        for t in list(tubes_kept):
-            box, part, similar = t
+        still_kept = []
+        for box, part, similar in tubes_kept:
             if walk(part, similar & (outside[box] | thin[box] | drop[box]), box, True):
                 drop[box] |= part
                 keep[box] &= ~part
-                tubes_kept.remove(t)
                 changed = True
+            else:
+                still_kept.append((box, part, similar))
+        tubes_kept = still_kept
     if not drop.any():
         return liver
     drop = _ball_ops(drop, p.passing_radius_mm, s.spacing, "dilate") & added & ~keep
