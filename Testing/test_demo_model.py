@@ -130,8 +130,15 @@ def test_the_automatic_liver_mask_with_a_model_trained_on_reference_masks_is_war
     assert liver_mask_warning(card, "user") is None and liver_mask_warning(card, "totalsegmentator") is None
     merged = card.training["data"]["merged"]
     mixed = dataclasses.replace(card, training={**card.training, "data": {"merged": merged + [{**merged[0], "liver": {"source": "automatic"}}]}})
-    assert mixed.liver_mask_sources() == {"reference", "automatic"} and liver_mask_warning(mixed, "auto") is None
-    assert liver_mask_warning(dataclasses.replace(card, training={}), "auto") is None  # no record: nothing to say
+    assert mixed.liver_mask_sources() == {"reference", "automatic"}
+    # trained on automatic masks too, but measured worse with them: still said, with the figures
+    assert f"less reliable with the automatic liver mask used here (its card: slice accuracy {auto:.2f}" in liver_mask_warning(mixed, "auto")
+    close = dataclasses.replace(mixed, metrics={**card.metrics, "automatic_liver_mask": {"all": {"accuracy": reference - 0.02}}})
+    assert liver_mask_warning(close, "auto") is None
+    assert liver_mask_warning(dataclasses.replace(mixed, metrics={}), "auto") is None  # nothing measured, nothing to say
+    unrecorded = dataclasses.replace(card, training={})
+    assert "less reliable" in liver_mask_warning(unrecorded, "auto")  # the measured figures speak alone
+    assert liver_mask_warning(dataclasses.replace(unrecorded, metrics={}), "auto") is None  # no record: nothing to say
 
     ct = read_volume(REPO / "Resources" / "Demo" / "demo_ct.nii.gz")
     liver = read_volume(REPO / "Resources" / "Demo" / "demo_liver.nii.gz")
