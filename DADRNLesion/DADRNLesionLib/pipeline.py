@@ -360,17 +360,16 @@ def liver_mask_warning(card, liver_source: str) -> Optional[str]:
     auto = card.metrics.get("automatic_liver_mask", {}).get("all", {}).get("accuracy")
     reference = card.metrics.get("reference_liver_mask", {}).get("all", {}).get("accuracy")
     measured = isinstance(auto, (int, float)) and isinstance(reference, (int, float))
+    figures = ""
+    if isinstance(auto, (int, float)):
+        figures = f" (its card: slice accuracy {auto:.2f} with the automatic mask"
+        figures += f" against {reference:.2f} with reference masks on the same cases)" if measured else ")"
     advice = "give a liver mask if you have one (--liver-mask; in Slicer, a liver segment)"
     if sources and "automatic" not in sources:
-        figure = ""
-        if isinstance(auto, (int, float)):
-            figure = f" (its card: slice accuracy {auto:.2f} with the automatic mask"
-            figure += f" against {reference:.2f} with reference masks on the same cases)" if measured else ")"
         return (f"this model was trained with reference liver masks only, and the automatic liver mask used here "
-                f"makes its results much less reliable{figure}: {advice}")
+                f"makes its results much less reliable{figures}: {advice}")
     if measured and auto < reference - AUTOMATIC_MASK_TOLERANCE:
-        return (f"this model is less reliable with the automatic liver mask used here (its card: slice accuracy "
-                f"{auto:.2f} with the automatic mask against {reference:.2f} with reference masks on the same cases): {advice}")
+        return f"this model is less reliable with the automatic liver mask used here{figures}: {advice}"
     return None
 
 
