@@ -119,6 +119,33 @@ def test_early_stopping_triggers_after_patience_epochs_without_improvement(tmp_p
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "early_stopped"
 
 
+def test_validation_on_thinned_normal_slices_counts_every_slice_of_their_cases():
+    from DADRNLesionLib.distributed import DistEnv
+    from DADRNLesionLib.model import build_model
+    from DADRNLesionLib.train import _validate, every_slice_weights
+
+    full = toy_cache(slices_per_case=9)
+    thinned = full.thin_normal_slices(2)
+    val = [c for c, s in toy_split(full).items() if s == "val"]
+    every, kept = full.indices_of_cases(val), thinned.indices_of_cases(val)
+    weights = every_slice_weights(thinned, full, kept)
+    normal = thinned.labels[kept] == 0
+    assert normal.sum() == 2 and weights[normal].sum() == (full.labels[every] == 0).sum() == 9
+    assert np.all(weights[~normal] == 1.0)
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    run = lambda cache, idx, w=None: _validate(model, cache, idx, torch.device("cpu"), None, 16, DistEnv(), w)  # noqa: E731
+    weighted, on_every, unweighted = run(thinned, kept, weights), run(full, every), run(thinned, kept)
+    support = lambda summary: np.asarray(summary["confusion_matrix"]).sum(axis=1).tolist()  # noqa: E731
+    assert support(weighted) == support(on_every) == [9, 9, 9, 9, 9]
+    assert support(unweighted) == [2, 9, 9, 9, 9]
+    assert weighted["slices"] == unweighted["slices"] == kept.size
+    # Weights only against the cache the slices were thinned from.
+    other = toy_cache(cases_per_class=3, slices_per_case=9)
+    assert np.all(every_slice_weights(thinned, other, kept) == 1.0)
+    assert np.all(every_slice_weights(full, full, every) == 1.0)
+
+
 def test_epochs_within_a_time_limit_follow_the_slowest_recent_epoch():
     from DADRNLesionLib.train import _epochs_within
 

@@ -49,7 +49,7 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on synthetic p
 dadrn-lesion train --cache "$WORK/cache/all" --input-size 224 --normal-per-case 12 --split-seed 0 \
     --model dadrn50-a --backbone drn_d_22 --width 0.5 --dropout 0.1 --batch-size 128 --lr 0.003 \
     --weight-decay 0.05 "${TRAIN_LIMIT[@]}" --samples-per-epoch 8192 --patience 0 --seed 0 \
-    --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" --out "$WORK/train"
+    --validation-weights none --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" --out "$WORK/train"
 
 # 3. Stage 2 data: each seed sliced into its cache in memory, and the painted-in real scans, one
 #    thread per generator again.
@@ -74,7 +74,7 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on synthetic p
 dadrn-lesion train --cache "$WORK/cache2/all" --input-size 224 --normal-per-case 12 --split-seed 0 \
     --model dadrn50-a --backbone drn_d_22 --width 0.5 --dropout 0.1 --batch-size 128 --lr 0.001 \
     --weight-decay 0.05 --epochs 200 --time-limit 3.0 --samples-per-epoch 8192 --patience 0 --seed 1 \
-    --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
+    --validation-weights none --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
     --init-weights "$WORK/train/best.safetensors" --out "$WORK/train2"
 
 # 5. Ship the best epoch's weights with their card (the card's sha256 covers the weights).

@@ -12,6 +12,10 @@ What a run does, and why:
 * Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling).
 * Early stopping on the validation monitor (macro F1 by default) with a patience in epochs; the
   best epoch's weights are written as ``best.safetensors`` + ``best.json`` (model card).
+* Validation on a cache whose normal slices were thinned weighs each kept normal slice by the
+  normal slices of its case that it stands for (`validation_weights="every_slice"`), so that the
+  monitor estimates the every-slice figures `evaluate` reports. Unweighted, a dozen normal slices
+  per case hardly move macro F1, and an epoch that calls many normal slices lesions can win.
 * ``checkpoint.pt`` (plain tensors and numbers, loaded with ``weights_only=True``) after every
   epoch and when a step limit stops the run: `resume=True` continues at the same step, and the
   per-batch seeds make a resumed run draw the same batches and augmentations.
@@ -84,6 +88,7 @@ class TrainConfig:
     amp: Optional[bool] = None  # None: on for CUDA
     patience: int = 8  # epochs without improvement of the monitor before stopping; 0: never stop early
     monitor: str = "macro_f1"
+    validation_weights: str = "every_slice"  # every_slice | none (see the module docstring)
     min_delta: float = 1e-4  # an improvement smaller than this does not count
     seed: int = 0
     max_steps: Optional[int] = None  # stop (and checkpoint) after this many optimizer steps
@@ -97,6 +102,8 @@ class TrainConfig:
             raise UserInputError(f"balance must be sampler, loss or none, not {self.balance!r}")
         if self.monitor not in MONITORS:
             raise UserInputError(f"monitor must be one of {', '.join(MONITORS)}, not {self.monitor!r}")
+        if self.validation_weights not in ("every_slice", "none"):
+            raise UserInputError(f"validation weights must be every_slice or none, not {self.validation_weights!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserInputError("epochs and batch size must be >= 1 and the learning rate positive")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
@@ -305,26 +312,48 @@ def _load_state(path: Path) -> dict[str, Any]:
         raise UserInputError(f"cannot resume from {path} ({type(exc).__name__}): the file is damaged; start again without --resume") from None
 
 
+def every_slice_weights(cache: SliceCache, full: SliceCache, idx: np.ndarray) -> np.ndarray:
+    """Per slice of `cache` at `idx`: 1 for a lesion slice; for a normal slice, the number of normal
+    slices its case has in `full` over the number kept in `cache`, so that weighted counts over the
+    thinned slices estimate counts over every slice. All ones where `full` is not the cache that
+    `cache` was thinned from (other cases)."""
+    weights = np.ones(idx.size, dtype=np.float64)
+    if full is cache or [c["case_id"] for c in full.cases] != [c["case_id"] for c in cache.cases]:
+        return weights
+    n_cases = len(cache.cases)
+    in_full = np.bincount(full.case[full.labels == 0], minlength=n_cases)
+    kept = np.bincount(cache.case[cache.labels == 0], minlength=n_cases)
+    normal = cache.labels[idx] == 0
+    case = cache.case[idx][normal]
+    weights[normal] = in_full[case] / np.maximum(kept[case], 1)
+    return weights
+
+
 @torch.no_grad()
-def _validate(model, cache: SliceCache, idx: np.ndarray, device, amp_dtype, batch: int, env: DistEnv) -> dict[str, Any]:
+def _validate(model, cache: SliceCache, idx: np.ndarray, device, amp_dtype, batch: int, env: DistEnv,
+              weights: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Confusion matrix, metrics and mean loss over `idx`, each slice counted `weights` times
+    (default once); the summary's `slices` is the unweighted count."""
     net = _unwrap(model)
     net.eval()
     mine = idx[env.rank :: env.world_size]
+    my_weights = (np.ones(idx.size) if weights is None else np.asarray(weights, dtype=np.float64))[env.rank :: env.world_size]
     cm = torch.zeros(len(CLASS_NAMES), len(CLASS_NAMES), dtype=torch.float64, device=device)
     loss_sum = torch.zeros(1, dtype=torch.float64, device=device)
     for s in range(0, mine.size, batch):
         x, y = _to_batch(cache, mine[s : s + batch], device)
+        w = torch.as_tensor(my_weights[s : s + batch], dtype=torch.float64, device=device)
         with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             logits = net(x)
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        loss_sum += (F.cross_entropy(logits, y, reduction="none").double() * w).sum()
         pred = logits.argmax(1)
-        cm += torch.bincount(y * len(CLASS_NAMES) + pred, minlength=len(CLASS_NAMES) ** 2).view(len(CLASS_NAMES), -1).double()
+        cm += torch.bincount(y * len(CLASS_NAMES) + pred, weights=w, minlength=len(CLASS_NAMES) ** 2).view(len(CLASS_NAMES), -1)
     all_reduce_sum(cm, env)
     all_reduce_sum(loss_sum, env)
-    summary = classification_summary(cm.cpu().numpy().astype(np.int64))
-    n = max(1, summary["n"])
-    summary["loss"] = float(loss_sum.item() / n)
+    summary = classification_summary(cm.cpu().numpy())
+    summary["loss"] = float(loss_sum.item() / max(1e-12, float(cm.sum().item())))
+    summary["slices"] = int(idx.size)
     return summary
 
 
@@ -402,6 +431,7 @@ def train(
             raise UserInputError("the training split holds no labelled slices: give more cases or other split fractions")
         if val_idx.size == 0:
             raise UserInputError("the validation split holds no labelled slices: early stopping needs one (more cases, or --split-fractions)")
+        val_weights = every_slice_weights(cache, test_cache, val_idx) if cfg.validation_weights == "every_slice" else None
         spec = cache.spec
         amp_dtype = _amp_dtype(dev, cfg.amp)
 
@@ -599,7 +629,7 @@ def train(
             all_reduce_sum(loss_sum, env)
             all_reduce_sum(correct, env)
             all_reduce_sum(seen, env)
-            val = _validate(model, cache, val_idx, dev, amp_dtype, cfg.eval_batch_size, env)
+            val = _validate(model, cache, val_idx, dev, amp_dtype, cfg.eval_batch_size, env, val_weights)
             value = val["loss"] if cfg.monitor == "loss" else val[cfg.monitor]
             improved = state["best"] is None or sign * (value - state["best"]) > cfg.min_delta
             row = {
@@ -664,7 +694,7 @@ def train(
         if env.is_main and best_state is not None and status != "max_steps":
             net = build_model(model_config)
             net.load_state_dict(best_state)
-            metrics: dict[str, Any] = {"validation": _short(_validate(net.to(dev), cache, val_idx, dev, amp_dtype, cfg.eval_batch_size, DistEnv()))}
+            metrics: dict[str, Any] = {"validation": _short(_validate(net.to(dev), cache, val_idx, dev, amp_dtype, cfg.eval_batch_size, DistEnv(), val_weights))}
             if evaluate_test and test_idx.size:
                 from .evaluate import evaluate_cache, write_report
 
@@ -709,4 +739,5 @@ def _short(summary: dict[str, Any]) -> dict[str, Any]:
         "macro_recall": summary["macro_recall"],
         "class_accuracy": {k: v["accuracy"] for k, v in summary["per_class"].items()},
         **({"loss": summary["loss"]} if "loss" in summary else {}),
+        **({"slices": summary["slices"]} if "slices" in summary else {}),
     }

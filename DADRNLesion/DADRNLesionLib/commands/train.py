@@ -54,6 +54,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--no-augment", action="store_true", help="no augmentation")
     t.add_argument("--patience", type=int, default=8, help="early stopping after this many epochs without improvement (0: off)")
     t.add_argument("--monitor", choices=("macro_f1", "accuracy", "loss"), default="macro_f1")
+    t.add_argument("--validation-weights", choices=("every-slice", "none"), default="every-slice",
+                   help="with --normal-per-case: weigh each kept validation normal slice by the normal slices of its case it "
+                        "stands for, so that the monitor estimates every-slice figures (every-slice, default), or count each once")
     t.add_argument("--min-delta", type=float, default=1e-4, help="smallest change of the monitor that counts as an improvement")
     t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resume later with --resume)")
     t.add_argument("--time-limit", type=float, metavar="MINUTES",
@@ -121,7 +124,8 @@ def run(args) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         samples_per_epoch=args.samples_per_epoch, balance=args.balance, label_smoothing=args.label_smoothing,
         augment=None if args.no_augment else AugmentConfig(), amp=False if args.no_amp else None,
-        patience=args.patience, monitor=args.monitor, min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
+        patience=args.patience, monitor=args.monitor,
+        validation_weights=args.validation_weights.replace("-", "_"), min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
         time_limit_s=None if args.time_limit is None else args.time_limit * 60.0,
     )
     init_from = _init_weights(args.init_weights, config) if args.init_weights and not args.resume else None
