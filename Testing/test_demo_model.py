@@ -51,8 +51,8 @@ def test_a_changed_copy_of_the_demo_weights_is_refused(tmp_path):
 
 CYST_POINTING_SHORTFALL = pytest.mark.xfail(
     strict=True,
-    reason="known shortfall: on this fresh phantom the shipped demo model (accuracy 0.92, macro F1 0.74, cyst pointing "
-           "game 0.62 on the slices of 172 held-out phantoms, see its card) classifies the three cyst slices and the "
+    reason="known shortfall: on this fresh phantom the shipped demo model (accuracy 0.92, macro F1 0.75, cyst pointing "
+           "game 0.52 on the slices of 50 held-out phantoms with reference masks, see its card) classifies the three cyst slices and the "
            "normal slices right, but its heatmap peaks lie 4-9 voxels (7-15 mm) from this small cyst (42-68 voxels a "
            "slice), outside the 2-voxel margin: the peak sits on a 28 x 28 grid of about 7 mm over the liver box; this "
            "test turns red when a better model ships so the marker is removed")
@@ -114,28 +114,32 @@ def test_demo_model_points_at_a_small_cyst(demo):
     assert np.mean(near) >= 0.6
 
 
-def test_the_automatic_liver_mask_with_a_model_trained_on_reference_masks_is_warned_about(demo):
+def test_the_automatic_liver_mask_with_a_model_measured_worse_with_it_is_warned_about(demo):
     import dataclasses
 
     from DADRNLesionLib.io import read_volume
     from DADRNLesionLib.pipeline import PipelineOptions, liver_mask_warning, run_pipeline
 
     card = demo.card
-    assert card.liver_mask_sources() == {"reference"}
+    assert card.liver_mask_sources() == {"reference", "automatic"}
     auto = card.metrics["automatic_liver_mask"]["all"]["accuracy"]
     reference = card.metrics["reference_liver_mask"]["all"]["accuracy"]
-    assert auto < reference  # what the card records, and what the warning quotes
+    assert auto < reference - 0.03  # what the card records, and what the warning quotes
+    # trained on automatic masks too, but measured worse with them: said, with the figures
     message = liver_mask_warning(card, "auto")
-    assert f"slice accuracy {auto:.2f} with the automatic mask against {reference:.2f}" in message
+    assert message.startswith("this model is less reliable with the automatic liver mask used here (its card: "
+                              f"slice accuracy {auto:.2f} with the automatic mask against {reference:.2f}")
     assert liver_mask_warning(card, "user") is None and liver_mask_warning(card, "totalsegmentator") is None
-    merged = card.training["data"]["merged"]
-    mixed = dataclasses.replace(card, training={**card.training, "data": {"merged": merged + [{**merged[0], "liver": {"source": "automatic"}}]}})
-    assert mixed.liver_mask_sources() == {"reference", "automatic"}
-    # trained on automatic masks too, but measured worse with them: still said, with the figures
-    assert f"less reliable with the automatic liver mask used here (its card: slice accuracy {auto:.2f}" in liver_mask_warning(mixed, "auto")
-    close = dataclasses.replace(mixed, metrics={**card.metrics, "automatic_liver_mask": {"all": {"accuracy": reference - 0.02}}})
+    close = dataclasses.replace(card, metrics={**card.metrics, "automatic_liver_mask": {"all": {"accuracy": reference - 0.02}}})
     assert liver_mask_warning(close, "auto") is None
-    assert liver_mask_warning(dataclasses.replace(mixed, metrics={}), "auto") is None  # nothing measured, nothing to say
+    assert liver_mask_warning(dataclasses.replace(card, metrics={}), "auto") is None  # nothing measured, nothing to say
+    # trained on reference masks only: said even where nothing was measured
+    merged = card.training["data"]["merged"]
+    reference_only = dataclasses.replace(card, training={**card.training, "data": {"merged": [
+        {**part, "liver": {"source": "reference"}} for part in merged]}})
+    assert reference_only.liver_mask_sources() == {"reference"}
+    assert "trained with reference liver masks only" in liver_mask_warning(reference_only, "auto")
+    assert "trained with reference liver masks only" in liver_mask_warning(dataclasses.replace(reference_only, metrics={}), "auto")
     unrecorded = dataclasses.replace(card, training={})
     assert "less reliable" in liver_mask_warning(unrecorded, "auto")  # the measured figures speak alone
     assert liver_mask_warning(dataclasses.replace(unrecorded, metrics={}), "auto") is None  # no record: nothing to say
@@ -153,7 +157,7 @@ def test_the_demo_command_writes_its_results_and_says_what_the_automatic_mask_co
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert "model: this model was trained with reference liver masks only" in err
+    assert "model: this model is less reliable with the automatic liver mask used here" in err
     report = json.loads((out / "report.json").read_text())
     assert report["liver"]["source"] == "auto" and report["summary"]["finding"]
     assert (out / "overview.png").is_file() and (out / "lesions.seg.nrrd").is_file()

@@ -146,6 +146,8 @@ def test_cli_evaluate_writes_tables_for_a_split(tmp_path):
     card = load_checkpoint(tmp_path / "m.safetensors").card  # still verifies: the weights did not change
     assert card.metrics["test"]["all"]["slices"] == 20 and card.metrics["test"]["evaluated_on"]["split"] == "test"
     assert card.metrics["test"]["evaluated_on"]["liver_masks"] == "unrecorded"  # the toy cache names no data source
+    assert card.metrics["test"]["evaluated_on"]["source"] == cache.source  # its record travels along
+    assert card.metrics["test"]["evaluated_on"]["data"] == str(tmp_path / "cache")  # nothing to rebuild it from: its path
     m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert m["all"]["n_cases"] == 5 and m["all"]["classification"]["n"] == 20
     assert set(m["all"]["localization"]) >= {"cyst", "fnh", "hcc", "hem"}
@@ -155,3 +157,13 @@ def test_cli_evaluate_writes_tables_for_a_split(tmp_path):
     save_checkpoint(other.model, tmp_path / "o.safetensors", other.card)
     assert main(["evaluate", "--weights", str(tmp_path / "o.safetensors"), "--cache", str(tmp_path / "cache"),
                  "--out", str(tmp_path / "ev2"), "--device", "cpu", "--quiet"]) == 2
+
+
+def test_recorded_phantom_data_is_named_by_its_seed_not_a_path():
+    from DADRNLesionLib.commands.evaluate import describe_source
+
+    phantoms = {"phantoms": 50, "phantom_seed": 777, "generator": {"phantom.py": "x"}, "real": None}
+    assert describe_source(phantoms) == "50 phantoms, seed 777 (dadrn-lesion dataset phantoms --cases 50 --seed 777)"
+    assert describe_source({**phantoms, "real": "../shared/data/real"}) is None  # painted-in scans: not from the seed alone
+    assert describe_source({"merged": [phantoms, phantoms]}) is None
+    assert describe_source({"phantoms": 0, "phantom_seed": 801}) is None and describe_source(None) is None

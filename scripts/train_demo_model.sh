@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The commands that made Resources/Models/dadrn_demo.safetensors and its card dadrn_demo.json.
 #
-# Two GPU runs (each made on one H100; scripts/gpu_session.sh runs the same steps inside a lent
-# machine's time budget), fixed seeds throughout.
+# Two GPU runs (stages 1 and 2, each on one H100; scripts/gpu_session.sh runs the same steps inside a
+# lent machine's time budget) and one CPU run (stage 3, 2 cores), fixed seeds throughout.
 # Stage 1, from scratch on 1040 phantoms: 16 sets of 40 (seeds 101-116) and 16 sets of 25 (seeds
 # 201-216), each cached at 224 x 224, then merged; split by case, seed 0 (625 / 208 / 207 cases).
 # DADRN-A (sigmoid, sum fusion; the better DADRN variant in docs/ablation.md) on DRN-D-22 at width
@@ -14,6 +14,12 @@
 # phantoms (16 sets of 55, seeds 301-316) and 90 cases with lesions painted into the real scans
 # (seed 31, 6 rounds; ts_native_sm's cases only in the test split); split by case, seed 0
 # (565 / 188 / 217 cases); AdamW 1e-3, --time-limit 3.0 (42 epochs, best epoch 35).
+# Stage 3, on a 2-core CPU, fine-tuning stage 2's weights on new data, half of it sliced with the
+# automatic liver mask that `classify` makes: 250 phantoms so (sets of 10, seeds 801-825), 300 with
+# reference masks (seeds 831-860), and lesions painted into the real scans with each mask (seeds
+# 801 and 802, 4 rounds); split by case, seed 0, 0.8 / 0.1 / 0.1 (504 / 63 / 103 cases); batch 32,
+# AdamW 5e-4, 4 epochs of 3584 slices (39 min), validation weighted to every slice (best epoch 2).
+# Then both models on 50 further phantoms (seed 777) with each mask, recorded in the card.
 # Usage: scripts/train_demo_model.sh [WORK_DIR]   (default runs/demo; needs about 30 GB of disk;
 # PROCS phantom generators run at a time, default: all CPUs; REAL: the real scans, default
 # ../shared/data/real)
@@ -77,7 +83,41 @@ dadrn-lesion train --cache "$WORK/cache2/all" --input-size 224 --normal-per-case
     --validation-weights none --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
     --init-weights "$WORK/train/best.safetensors" --out "$WORK/train2"
 
-# 5. Ship the best epoch's weights with their card (the card's sha256 covers the weights).
-cp "$WORK/train2/best.safetensors" Resources/Models/dadrn_demo.safetensors
-cp "$WORK/train2/best.json" Resources/Models/dadrn_demo.json
-echo "test figures: $WORK/train2/test/report.txt"
+# 5. Stage 3 data (one thread per generator) and fine-tuning on the CPU.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+cache_set() {  # name args...
+  name=$1; shift
+  dadrn-lesion dataset cache "$@" --cache "$WORK/cache3/$name" --input-size 224 --quiet
+}
+jobs_in_flight=0
+for spec in real_auto:801:automatic real_ref:802:reference; do
+  IFS=: read -r name seed source <<<"$spec"
+  cache_set "$name" --phantoms 0 --phantom-seed "$seed" --real-background "$REAL" --real-rounds 4 \
+      --liver-source "$source" --real-holdout ts_native_sm
+done
+for spec in $(for s in $(seq 801 825); do echo "$s:automatic"; done; for s in $(seq 831 860); do echo "$s:reference"; done); do
+  cache_set "p${spec%%:*}" --phantoms 10 --phantom-seed "${spec%%:*}" --liver-source "${spec##*:}" &
+  jobs_in_flight=$((jobs_in_flight + 1))
+  if [ "$jobs_in_flight" -ge "$PROCS" ]; then wait -n; jobs_in_flight=$((jobs_in_flight - 1)); fi
+done
+for source in automatic reference; do  # the 50 further phantoms, with each mask
+  cache_set "eval777_$source" --phantoms 50 --phantom-seed 777 --liver-source "$source" &
+done
+wait
+unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
+dadrn-lesion dataset cache --merge "$WORK"/cache3/real_* "$WORK"/cache3/p* --cache "$WORK/cache3/all" --input-size 224
+dadrn-lesion dataset split --cache "$WORK/cache3/all" --split-seed 0 --split-fractions 0.8 0.1 0.1 --out "$WORK/split3.csv"
+dadrn-lesion train --cache "$WORK/cache3/all" --input-size 224 --normal-per-case 12 --split-file "$WORK/split3.csv" \
+    --model dadrn50-a --backbone drn_d_22 --width 0.5 --dropout 0.1 --batch-size 32 --lr 0.0005 \
+    --weight-decay 0.05 --epochs 4 --samples-per-epoch 3584 --time-limit 80 --patience 0 --seed 6 \
+    --device cpu --threads 2 --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
+    --init-weights "$WORK/train2/best.safetensors" --out "$WORK/train3"
+for source in automatic reference; do
+  dadrn-lesion evaluate --weights "$WORK/train3/best.safetensors" --cache "$WORK/cache3/eval777_$source" --split all \
+      --device cpu --out "$WORK/eval777_$source" --record-in-card "${source}_liver_mask"
+done
+
+# 6. Ship the best epoch's weights with their card (the card's sha256 covers the weights).
+cp "$WORK/train3/best.safetensors" Resources/Models/dadrn_demo.safetensors
+cp "$WORK/train3/best.json" Resources/Models/dadrn_demo.json
+echo "test figures: $WORK/train3/test/report.txt"

@@ -73,7 +73,7 @@ def run(args) -> int:
         from ..data import liver_methods, liver_sources
 
         _record(args.weights, args.record_in_card, result, args, liver=" and ".join(sorted(liver_sources(cache.source))) or "unrecorded",
-                methods=liver_methods(cache.source))
+                methods=liver_methods(cache.source), source=cache.source)
         args.reporter.info(f"recorded the figures in the model card under metrics.{args.record_in_card}")
     if not args.quiet:
         print(result.text())
@@ -82,7 +82,19 @@ def run(args) -> int:
     return 0
 
 
-def _record(weights, name: str, result, args, liver: str = "unrecorded", methods: list | None = None) -> None:
+def describe_source(source: dict | None) -> str | None:
+    """The data of a cache as a reader can rebuild it ("50 phantoms, seed 777"), where its record
+    says so; None for other data, whose path then stands in."""
+    if not isinstance(source, dict):
+        return None
+    n, seed, real = source.get("phantoms"), source.get("phantom_seed"), source.get("real")
+    if isinstance(n, int) and n > 0 and seed is not None and not real:
+        return f"{n} phantoms, seed {seed} (dadrn-lesion dataset phantoms --cases {n} --seed {seed})"
+    return None
+
+
+def _record(weights, name: str, result, args, liver: str = "unrecorded", methods: list | None = None,
+            source: dict | None = None) -> None:
     """Write the evaluation into the card next to `weights` (the card's sha256 covers the weights only)."""
     import json
     import os
@@ -93,12 +105,14 @@ def _record(weights, name: str, result, args, liver: str = "unrecorded", methods
     card = json.loads(card_path.read_text())
     entry = result.card_metrics()
     entry["evaluated_on"] = {
-        "data": [str(p) for p in (args.data or [])] or (str(args.cache) if args.cache else f"{args.phantoms} phantoms"),
+        "data": describe_source(source) or [str(p) for p in (args.data or [])] or (str(args.cache) if args.cache else f"{args.phantoms} phantoms"),
         "split_file": str(args.split_file) if args.split_file else None,
         "split": args.split if args.split_file else "all",
         "slices": "every labelled slice" if args.normal_per_case is None else f"at most {args.normal_per_case} normal slices per case",
         "liver_masks": liver,
     }
+    if source:
+        entry["evaluated_on"]["source"] = source  # how the cache was built: seeds, generator and liver-method versions
     if methods:
         entry["evaluated_on"]["liver_method"] = methods  # automatic masks: the figures hold for this method
     card.setdefault("metrics", {})[name] = entry
