@@ -158,6 +158,23 @@ def test_the_demo_command_writes_its_results_and_says_what_the_automatic_mask_co
     assert main(["demo", "--out", str(out), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
     assert "model: this model is less reliable with the automatic liver mask used here" in err
+    # what it got right and wrong, against the bundled study's truth: 15 HCC slices (three nodules), 36 normal
+    truth = next(line for line in err.splitlines() if "against the study's ground truth (demo_lesion.nii.gz): " in line)
+    assert "15 HCC slices called " in truth and "36 normal slices called " in truth
     report = json.loads((out / "report.json").read_text())
     assert report["liver"]["source"] == "auto" and report["summary"]["finding"]
     assert (out / "overview.png").is_file() and (out / "lesions.seg.nrrd").is_file()
+
+
+def test_the_demo_compares_its_slices_with_the_study_ground_truth_class_by_class():
+    from types import SimpleNamespace
+
+    from DADRNLesionLib.commands.demo import against_truth
+
+    liver = np.zeros((5, 20, 20), np.uint8)
+    liver[:4, 2:18, 2:18] = 1  # slice 4 holds no liver: never counted
+    lesion = np.zeros_like(liver)
+    lesion[0:2, 5:12, 5:12] = 4  # HCC on slices 0 and 1 (49 mm2 each)
+    called = ["hcc", "fnh", "normal", "hcc", "cyst"]
+    slices = [SimpleNamespace(slice_index=k, predicted_class=c) for k, c in enumerate(called)]
+    assert against_truth(slices, lesion, liver, (1.0, 1.0)) == "2 HCC slices called FNH 1, HCC 1; 2 normal slices called normal 1, HCC 1"
