@@ -40,8 +40,8 @@ def demo_volume(cache: Path) -> Path:
 
 
 def against_truth(slices, lesion, liver, spacing_ij) -> str:
-    """The demo's slices against its ground truth, class by class ("15 HCC slices: HCC 4, FNH 10,
-    normal 1; ..."): the bundled model is a demonstration, and what it gets wrong is part of it."""
+    """The demo's slices against its ground truth, class by class ("15 HCC slices called FNH 10,
+    HCC 4, normal 1; ..."): the bundled model is a demonstration, and what it gets wrong is part of it."""
     from ..classes import CLASS_NAMES
     from ..data import IGNORE, slice_labels
 
