@@ -5,6 +5,7 @@ Everything runs a tiny model (DRN-D-22 at width 1/8, 32x32 inputs) for a handful
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -258,7 +259,7 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "DADRNLesionLib",
            "train", "--cache", str(tmp_path / "cache"), "--split-file", str(tmp_path / "split.csv"), "--input-size", str(SIZE),
            "--backbone", "drn_d_22", "--width", "0.125", "--epochs", "1", "--batch-size", "4", "--samples-per-epoch", "24",
-           "--device", "cpu", "--threads", "1", "--no-test", "--quiet", "--out", str(tmp_path / "ddp")]
+           "--normal-per-case", "2", "--device", "cpu", "--threads", "1", "--no-test", "--quiet", "--out", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -268,3 +269,8 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
     assert all(r["steps"] == 3 for r in dist["ranks"])  # 24 slices / (2 processes x 4)
     assert dist["in_sync"] and len({r["params"] for r in dist["ranks"]}) == 1
     assert (tmp_path / "ddp" / "best.safetensors").is_file()
+    # Validation sharded over the ranks and weighted to every slice sums to what one process computes:
+    # 18 slices kept (2 of the normal case's 4), counted as the 20 they stand for.
+    assert summary["validation"]["slices"] == 18 and summary["validation"]["n"] == 20
+    epoch = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))[-1]
+    assert float(epoch["val_acc"]) == pytest.approx(summary["validation"]["accuracy"], abs=1e-6)
