@@ -42,22 +42,24 @@ def demo_volume(cache: Path) -> Path:
 def against_truth(slices, lesion, liver, spacing_ij) -> str:
     """The demo's slices against its ground truth, class by class ("15 HCC slices called FNH 10,
     HCC 4, normal 1; ..."): the bundled model is a demonstration, and what it gets wrong is part of it."""
-    from ..classes import CLASS_NAMES
+    from collections import Counter
+
+    from ..classes import CLASS_NAMES, LABEL_BY_KEY
     from ..data import IGNORE, slice_labels
 
+    def name(key: str) -> str:  # the study summary's wording
+        return "normal" if key == "normal" else LABEL_BY_KEY[key].name
+
     truth = slice_labels(lesion, liver, spacing_ij)
-    called: dict[int, dict[str, int]] = {}
+    called: dict[int, Counter] = {}
     for s in slices:
         t = int(truth[s.slice_index]) if 0 <= s.slice_index < truth.size else IGNORE
         if t != IGNORE:
-            called.setdefault(t, {})
-            called[t][s.predicted_class] = called[t].get(s.predicted_class, 0) + 1
-    names = {"normal": "normal", "cyst": "cyst", "fnh": "FNH", "hcc": "HCC", "hem": "hemangioma"}
+            called.setdefault(t, Counter())[s.predicted_class] += 1
     parts = []
     for t in sorted(called, key=lambda c: (c == 0, c)):  # lesion classes first
         counts = sorted(called[t].items(), key=lambda kv: (-kv[1], CLASS_NAMES.index(kv[0])))
-        parts.append(f"{sum(called[t].values())} {names[CLASS_NAMES[t]]} slices called "
-                     + ", ".join(f"{names[k]} {v}" for k, v in counts))
+        parts.append(f"{called[t].total()} {name(CLASS_NAMES[t])} slices called " + ", ".join(f"{name(k)} {v}" for k, v in counts))
     return "; ".join(parts)
 
 
