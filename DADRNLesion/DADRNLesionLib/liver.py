@@ -376,7 +376,7 @@ def _prepare(canon: np.ndarray, spacing_full, p: LiverParams) -> tuple[_Scan, tu
     thr = np.percentile(lstd[soft], 40) if soft.any() else 0
     homogeneous = soft & (lstd <= max(thr, 1.0))
     wall_depth, wall_layer = _wall_depth(raw, hu, body, spacing)
-    spine_dist, behind, paraspinal = _spine(hu, body, u, v, spacing)
+    spine_dist, behind, paraspinal = _spine(hu, raw, body, u, v, spacing)
     # muscle level: the paraspinal muscles are thick and always in an abdominal scan; the wall
     # layer (thinner, partial volume with fat) is the fallback
     vals = hu[paraspinal] if paraspinal.sum() >= 50 else hu[wall_layer]
@@ -408,20 +408,60 @@ def _wall_depth(raw, hu, body, spacing):
     return d, layer
 
 
-def _spine(hu, body, u, v, spacing):
+def _contrast_filled_vessels(bone, raw, spacing_yx):
+    """The parts of one slice's > 200 HU that are a contrast-filled vessel, not bone.
+
+    In the arterial phase the aorta (250-450 HU) lies just in front of the spine and above the
+    bone threshold; counted as bone, it pulls the spine's centre forwards, and the back muscles'
+    compartment behind that centre then takes the caudate lobe. A vessel's cross-section is
+    round, solid and uniformly filled (its spread is the noise); a vertebra is not round with its
+    arch, cortex and marrow differ by hundreds of HU, and where the marrow is below the threshold
+    the cortex is a ring. Measured on the phantoms' coarse grid: 97 %
+    of aortic sections pass this test, 6 % of spinal ones (the median over slices absorbs those).
+    """
+    out = np.zeros_like(bone)
+    lab, n = ndi.label(bone)
+    px_cm2 = spacing_yx[0] * spacing_yx[1] / 100.0
+    for c in range(1, n + 1):
+        part = lab == c
+        area = part.sum() * px_cm2
+        if not 1.0 <= area <= 12.0:  # an aorta is 2-8 cm^2; a vertebral body with its arch more
+            continue
+        if ndi.binary_fill_holes(part).sum() > 1.1 * part.sum():  # a cortical ring around marrow
+            continue
+        inner = ndi.binary_erosion(part)
+        vals = raw[inner if inner.sum() >= 4 else part]
+        spread = 1.4826 * float(np.median(np.abs(vals - np.median(vals))))
+        ys, xs = np.nonzero(part)
+        ev = np.linalg.eigvalsh(np.cov(np.vstack([ys * spacing_yx[0], xs * spacing_yx[1]])))
+        roundness = float(np.sqrt(max(ev[0], 0.0) / max(ev[1], 1e-6)))
+        if spread <= 30.0 and roundness >= 0.75:
+            out |= part
+    return out
+
+
+def _spine(hu, raw, body, u, v, spacing):
     """Distance to the spine's centre per slice, and a paraspinal muscle sample for the muscle level.
 
-    The spine is the bone (> 200 HU) in the posterior middle of the body; slices without it take
-    the centre of the nearest slice that has it.
+    The spine is the bone (> 200 HU) in the posterior middle of the body, less contrast-filled
+    vessels; slices without it take the centre of the nearest slice that has it.
     """
     nz, ny, nx = hu.shape
     bone = (hu > 200) & body & (u > 0.3) & (u < 0.7) & (v > 0.45)
     centres = np.full((nz, 2), np.nan)
     for z in range(nz):
-        ys, xs = np.nonzero(bone[z])
+        ys, xs = np.nonzero(bone[z] & ~_contrast_filled_vessels(bone[z], raw[z], spacing[1:]))
         if ys.size * spacing[1] * spacing[2] >= 100:  # >= 1 cm^2 of bone
             centres[z] = (np.median(ys), np.median(xs))
     have = np.nonzero(~np.isnan(centres[:, 0]))[0]
+    # the spine runs on through the slices: a slice's centre is the median of its neighbours'
+    # within 12 mm, so a slice whose bone is a lone arch or a vessel the test missed does not jump
+    zs = have * spacing[0]
+    smoothed = centres.copy()
+    for z in have:
+        near = have[np.abs(zs - z * spacing[0]) <= 12.0]
+        smoothed[z] = np.median(centres[near], axis=0)
+    centres = smoothed
     dist = np.full(hu.shape, np.inf, np.float32)
     para = np.zeros(hu.shape, bool)
     behind = np.zeros(hu.shape, bool)
