@@ -555,3 +555,55 @@ def test_the_arterial_aorta_in_front_of_the_spine_does_not_move_the_spines_centr
     centre0 = np.unravel_index(np.argmin(dist0[5]), dist0[5].shape)
     assert abs(centre[0] - centre0[0]) <= 1 and abs(centre[1] - centre0[1]) <= 1, (centre, centre0)
     assert (behind != behind0).mean() < 0.001
+
+
+def test_the_dome_surface_stops_at_the_diaphragm_not_at_the_lungs_air():
+    """Above the dome: liver (80 HU), a 6 mm diaphragm of muscle (45 HU), then the lung. The
+    lung's air stands behind the diaphragm, so the half level over the dome is half-way to
+    muscle (about 62 HU) and the diaphragm is not grown into; with the air counted as air (the
+    old rule), the half level fell below the diaphragm's HU and took it in."""
+    from dataclasses import replace
+
+    from DADRNLesionLib.liver import LiverParams, _half_level
+
+    sp, shape = (3.0, 3.0, 3.0), (30, 30, 30)
+    kk = np.indices(shape)[0]
+    hu = np.where(kk < 15, 80.0, np.where(kk < 17, 45.0, -850.0)).astype(np.float32)
+    s = _scan_of(hu, sp)  # muscle level 50 HU
+    liver = kk < 15
+    local = np.full(shape, 80.0, np.float32)
+    diaphragm = (kk >= 15) & (kk < 17)
+    hl = _half_level(s, liver, local, 18.0, LiverParams())
+    assert (hu[diaphragm] < hl[diaphragm]).all() and np.abs(hl[diaphragm] - 65.0).max() < 8.0
+    hl_air = _half_level(s, liver, local, 18.0, replace(LiverParams(), air_behind_wall=False))
+    assert (hu[diaphragm] >= hl_air[diaphragm]).all()
+    # Beside fat, nothing changes: the outside level is the fat's.
+    fat_side = np.where(kk < 15, 80.0, -100.0).astype(np.float32)
+    s_fat = _scan_of(fat_side, sp)
+    np.testing.assert_allclose(_half_level(s_fat, liver, local, 18.0, LiverParams()),
+                               _half_level(s_fat, liver, local, 18.0, replace(LiverParams(), air_behind_wall=False)))
+
+
+def test_the_rim_beside_fat_near_the_wall_is_not_taken_for_muscle():
+    """Liver (80 HU) under the abdominal wall, with a fat plane between: the liver/fat mixture
+    voxels of its rim (10 HU, darker than any muscle) connect to the wall's muscle through the
+    fat plane's partial volume. The wide muscle rule (below the liver/muscle midpoint, connected
+    to the wall) counts them as muscle; for the partial-volume rim, muscle is only what lies in
+    muscle's own range, so they may be liver, and the wall's muscle still may not."""
+    from dataclasses import replace
+
+    from DADRNLesionLib.liver import LiverParams, _allowed
+
+    sp, shape = (3.0, 2.0, 2.0), (4, 40, 40)
+    jj = np.indices(shape)[1]
+    # rows: 0-1 subcutaneous fat (wall depth 0), 2-7 wall muscle, 8 muscle/fat, 9 fat, 10 liver/fat rim, 11- liver
+    hu = np.select([jj < 2, jj < 8, jj == 8, jj == 9, jj == 10], [-100.0, 50.0, -20.0, -90.0, 10.0], 80.0).astype(np.float32)
+    s = _scan_of(hu, sp)
+    s.wall_depth = np.maximum(jj - 1.5, 0.0).astype(np.float32) * 2.0  # mm beneath the subcutaneous fat
+    level = np.full(shape, 80.0, np.float32)
+    wide = _allowed(s, level, LiverParams())
+    rim_rule = _allowed(s, level, LiverParams(), muscle_range_only=True)
+    rim, muscle = jj == 10, (jj >= 2) & (jj < 8)
+    assert not wide[rim].any() and rim_rule[rim].all()
+    assert not wide[muscle].any() and not rim_rule[muscle].any()
+    assert np.array_equal(_allowed(s, level, replace(LiverParams(), partial_muscle_k=0.0), muscle_range_only=True), wide)

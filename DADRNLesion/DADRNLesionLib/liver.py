@@ -11,8 +11,8 @@ contrast (docs/liver.md has the accuracy, speed and parameter sensitivity):
    back exactly onto the input voxels.
 2. A coarse grid (block means, ~2.5 mm) keeps it fast and averages noise.
 3. Anatomy found on the scan: the body (> -400 HU, largest region, holes filled), the subcutaneous
-   fat and the depth beneath it (the abdominal wall), the spine (bone in the posterior middle), and
-   the muscle level (the mode of the paraspinal muscles' HU).
+   fat and the depth beneath it (the abdominal wall), the spine (bone in the posterior middle, less
+   a contrast-filled aorta), and the muscle level (the mode of the paraspinal muscles' HU).
 4. Liver level: the liver is the largest homogeneous soft-tissue organ in the right upper body away
    from wall and spine; the main mode of that region's histogram is the liver level and its width
    the band. Further modes are tried only if the main one does not give a liver-sized organ on the
@@ -27,7 +27,8 @@ contrast (docs/liver.md has the accuracy, speed and parameter sensitivity):
 7. Slice-to-slice consistency rejects sudden jumps in area (leaks).
 8. The surface: a blurred edge crosses half-way between the liver level and the tissue outside; the
    last `edge_mm` are grown down to that half level (next to fat, about -20 HU; next to muscle,
-   the midpoint), so the surface is not drawn inside the true edge.
+   the midpoint; next to the lung's air, the midpoint to the diaphragm's muscle in between), so
+   the surface is not drawn inside the true edge, nor over the diaphragm.
 9. Lesions, vessels, hilum: holes are filled per slice and in 3D, and a closing (`close_mm`) over
    non-fat, non-muscle tissue adds hypo- and hyperdense lesions at the surface; a lesion bulging
    further out is added when the liver wraps much of it and does not merely cover it from above (the
@@ -36,6 +37,8 @@ contrast (docs/liver.md has the accuracy, speed and parameter sensitivity):
    had taken; a lesion touching such an organ is split from it at the neck and kept.
 10. Full resolution: the coarse mask is interpolated at block centres and its boundary re-decided
     voxel by voxel with the same rules (band, half level), so the surface is not stair-stepped.
+11. Partial volume: a surface voxel more liver than fat (above the liver/fat midpoint) is liver,
+    unless it lies in muscle's own range and connects to the wall's muscle.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class LiverParams:
     refine: bool = True  # re-decide the surface at full resolution
     refine_steps: float = 1.0  # outward settling at full resolution, in coarse voxels
     partial_mm: float = 1.5  # how far the surface may take in partial-volume voxels against fat (in-plane)
+    partial_muscle_k: float = 2.5  # ... where muscle is only what lies within this many of its spreads (>= 15 HU) below its level; 0: anything darker
+    air_behind_wall: bool = True  # air outside the liver lies behind a wall of muscle density (the diaphragm)
     passing_mm: float = 15.0  # a filled-in structure that continues this far outside the liver is not liver
     passing_radius_mm: float = 6.0  # ... and is this thick: IVC, portal vein trunk, kidney; not intrahepatic veins
     passing_part_mm: float = 12.0  # a filled-in piece is split into parts whose centres lie this far apart ...
@@ -512,7 +517,7 @@ def _intensity_candidates(s: _Scan, p: LiverParams, n_max: int = 3):
     return out
 
 
-def _allowed(s: _Scan, level, p: LiverParams):
+def _allowed(s: _Scan, level, p: LiverParams, muscle_range_only: bool = False):
     """Voxels that may be liver given the muscles around it.
 
     Never in the subcutaneous fat. A muscle layer is the set of voxels closer to this scan's muscle
@@ -522,6 +527,12 @@ def _allowed(s: _Scan, level, p: LiverParams):
     `spine_mm` from its centre). Connectedness matters: a noisy dark voxel inside the liver is not
     muscle, a layer growing in from the wall is. Where liver and muscle differ by less than 8 HU,
     intensity cannot decide and the outer half of the wall zone is excluded by position instead.
+
+    `muscle_range_only` (for the partial-volume rim, step 11): muscle is only what lies within
+    muscle's own range (`partial_muscle_k` spreads, at least 15 HU, below its level). A voxel
+    darker than that beside the liver is a mixture with fat, and the fat midpoint decides it; for
+    the band and the closing the wider rule stays, so they do not spread into the fat-streaked
+    muscle of the wall.
     """
     mu_m = s.muscle[0]
     # the liver never lies behind the spine next to it: that is the back muscles' compartment
@@ -531,6 +542,8 @@ def _allowed(s: _Scan, level, p: LiverParams):
     level = np.asarray(level, dtype=np.float32)
     separable = (level - mu_m) > 8.0
     darkish = separable & (s.hu < 0.5 * (level + mu_m)) & ok
+    if muscle_range_only and p.partial_muscle_k > 0:
+        darkish &= s.hu >= mu_m - max(p.partial_muscle_k * s.muscle[1], 15.0)
     n_wall = max(1, int(round(p.wall_mm / min(s.spacing[1:]))))
     wall_zone = s.wall_depth < p.wall_mm
     seed = darkish & wall_zone & (s.wall_depth <= 1.5 * max(s.spacing[1:]))
@@ -628,11 +641,20 @@ def _half_level(s: _Scan, liver, local, half, p: LiverParams):
     about -20 HU next to fat, about 45 HU next to 25 HU muscle. The band (liver level +- half)
     stops above that, so on its own it puts the surface inside the true edge (by several mm
     where the surface is oblique to the slices, as at the dome). The outside level is the local
-    mean of non-liver voxels in a shell 1-`edge_mm` mm outside the mask.
+    mean of non-liver voxels in a shell 1-`edge_mm` mm outside the mask, with air counted at the
+    muscle level (`air_behind_wall`): the lung's air is beyond the diaphragm, and clipped to
+    -150 HU it drew the half level below the diaphragm's HU, so the surface growth took in the
+    diaphragm wherever thick slices cut the dome obliquely (15-44 ml per phantom).
     """
     shell = _ball_ops(liver, p.edge_mm, s.spacing, "dilate") & ~_ball_ops(liver, 1.0, s.spacing, "dilate") & s.body
     sig = [max(5.0 / sp, 0.5) for sp in s.spacing]
-    num = ndi.gaussian_filter(np.where(shell, np.maximum(s.hu, -150.0), 0).astype(np.float32), sig, mode="nearest", truncate=3.0)
+    if p.air_behind_wall and np.isfinite(s.muscle[0]):
+        # air outside the liver (the lung, gas in the gut) lies behind a wall of muscle density:
+        # the diaphragm, the gut wall. That wall is the neighbour the edge is half-way to.
+        vals = np.where(s.hu < -150.0, s.muscle[0], s.hu)
+    else:
+        vals = np.maximum(s.hu, -150.0)
+    num = ndi.gaussian_filter(np.where(shell, vals, 0).astype(np.float32), sig, mode="nearest", truncate=3.0)
     den = ndi.gaussian_filter(shell.astype(np.float32), sig, mode="nearest", truncate=3.0)
     outside = np.where(den > 0.02, num / np.maximum(den, 1e-6), local - 2 * half)
     outside = np.minimum(outside, local - half)  # the neighbour of interest is the darker one
@@ -1034,6 +1056,7 @@ def _to_full(r: _Result, liver_c: np.ndarray, f, canon: np.ndarray, s: _Scan, p:
         mask = liver_c[csl].copy()
     else:
         mask = _refine(r, liver_c[csl], up, rep, img, local, allowed, f, p, csl)
+    allowed = rep(_allowed(s, r.local, p, muscle_range_only=True)[csl])
     mask = _take_partial_volume(mask, img, local, allowed, r.half, float(s.info.get("fat", -100.0)), fine_sp, p)
     out = np.zeros(full_shape, bool)
     out[fsl] = mask

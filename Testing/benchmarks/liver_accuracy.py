@@ -177,6 +177,8 @@ SENSITIVITY = {
     "spine_mm": (30.0, 50.0),
     "edge_mm": (6.0, 12.0),
     "partial_mm": (0.0, 2.5),
+    "partial_muscle_k": (0.0, 1.5, 4.0),
+    "air_behind_wall": (False,),
     "passing_mm": (0.0, 25.0),
     "passing_radius_mm": (5.0, 8.0),
     "passing_part_mm": (8.0, 16.0),
