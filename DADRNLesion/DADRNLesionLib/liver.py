@@ -426,22 +426,25 @@ def _contrast_filled_vessels(bone, raw, spacing_yx):
     """
     out = np.zeros_like(bone)
     lab, n = ndi.label(bone)
+    if n == 0:
+        return out
     px_cm2 = spacing_yx[0] * spacing_yx[1] / 100.0
-    for c in range(1, n + 1):
-        part = lab == c
-        area = part.sum() * px_cm2
-        if not 1.0 <= area <= 12.0:  # an aorta is 2-8 cm^2; a vertebral body with its arch more
+    areas = np.bincount(lab.ravel(), minlength=n + 1) * px_cm2
+    for c, box in enumerate(ndi.find_objects(lab), start=1):
+        if box is None or not 1.0 <= areas[c] <= 12.0:  # an aorta is 2-8 cm^2; a vertebra with its arch more
             continue
+        box = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+        part = lab[box] == c
         if ndi.binary_fill_holes(part).sum() > 1.1 * part.sum():  # a cortical ring around marrow
             continue
         inner = ndi.binary_erosion(part)
-        vals = raw[inner if inner.sum() >= 4 else part]
+        vals = raw[box][inner if inner.sum() >= 4 else part]
         spread = 1.4826 * float(np.median(np.abs(vals - np.median(vals))))
         ys, xs = np.nonzero(part)
         ev = np.linalg.eigvalsh(np.cov(np.vstack([ys * spacing_yx[0], xs * spacing_yx[1]])))
         roundness = float(np.sqrt(max(ev[0], 0.0) / max(ev[1], 1e-6)))
         if spread <= 30.0 and roundness >= 0.75:
-            out |= part
+            out[box] |= part
     return out
 
 
