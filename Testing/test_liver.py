@@ -560,7 +560,7 @@ def test_the_arterial_aorta_in_front_of_the_spine_does_not_move_the_spines_centr
 def test_the_dome_surface_stops_at_the_diaphragm_not_at_the_lungs_air():
     """Above the dome: liver (80 HU), a 6 mm diaphragm of muscle (45 HU), then the lung. The
     lung's air stands behind the diaphragm, so the half level over the dome is half-way to
-    muscle (about 62 HU) and the diaphragm is not grown into; with the air counted as air (the
+    muscle (about 65 HU, with the muscle level at 50) and the diaphragm is not grown into; with the air counted as air (the
     old rule), the half level fell below the diaphragm's HU and took it in."""
     from dataclasses import replace
 
@@ -587,8 +587,8 @@ def test_the_dome_surface_stops_at_the_diaphragm_not_at_the_lungs_air():
 def test_the_rim_beside_fat_near_the_wall_is_not_taken_for_muscle():
     """Liver (80 HU) under the abdominal wall, with a fat plane between: the liver/fat mixture
     voxels of its rim (10 HU, darker than any muscle) connect to the wall's muscle through the
-    fat plane's partial volume. The wide muscle rule (below the liver/muscle midpoint, connected
-    to the wall) counts them as muscle; for the partial-volume rim, muscle is only what lies in
+    fat plane. The wide muscle rule (anything below the liver/muscle midpoint, fat included,
+    connected to the wall) counts them as muscle; for the partial-volume rim, muscle is only what lies in
     muscle's own range, so they may be liver, and the wall's muscle still may not."""
     from dataclasses import replace
 
