@@ -20,6 +20,10 @@
 # 801 and 802, 4 rounds); split by case, seed 0, 0.8 / 0.1 / 0.1 (504 / 63 / 103 cases); batch 32,
 # AdamW 5e-4, 4 epochs of 3584 slices (39 min), validation weighted to every slice (best epoch 2).
 # Then both models on 50 further phantoms (seed 777) with each mask, recorded in the card.
+# The shipped stage 3 was trained on automatic masks of liver.py 8094da8a (the card's training
+# record names it); the liver method has changed since (docs/liver.md), so a rerun of step 5
+# makes different automatic-mask data, and the card's automatic-mask figures were re-measured
+# with the current method.
 # Usage: scripts/train_demo_model.sh [WORK_DIR]   (default runs/demo; needs about 30 GB of disk;
 # PROCS phantom generators run at a time, default: all CPUs; REAL: the real scans, default
 # ../shared/data/real)
