@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .decision import offset_logits
+
 __all__ = ["CamOutput", "GradCAM", "naive_grad_cam", "normalise_per_slice"]
 
 
@@ -25,15 +27,18 @@ class CamOutput:
     logits: torch.Tensor  # (n, classes), float32
     probabilities: torch.Tensor  # (n, classes), float32
     target: torch.Tensor  # (n,), the class each map explains
+    # logits are the network's own; probabilities and the default target follow the decision rule
+    # (`decision`: the normal-logit offset), which shifts no lesion class against another
     cams: torch.Tensor  # (n, h, w), float32, ReLU'd, not normalised
 
 
 class GradCAM:
     """Hooks nothing and keeps no state between calls: the model exposes `features` and `head`."""
 
-    def __init__(self, model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None):
+    def __init__(self, model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None, normal_offset: float = 0.0):
         self.model = model
         self.amp_dtype = amp_dtype
+        self.normal_offset = float(normal_offset)
 
     def _autocast(self, device: torch.device):
         if self.amp_dtype is None:
@@ -48,11 +53,12 @@ class GradCAM:
         features = features.clone().requires_grad_(True)
         with torch.enable_grad():
             logits = self.model.head(features).float()
-            chosen = logits.argmax(dim=1) if target is None else target.to(logits.device).long()
-            score = logits.gather(1, chosen[:, None]).sum()
+            decided = offset_logits(logits.detach(), self.normal_offset)
+            chosen = decided.argmax(dim=1) if target is None else target.to(logits.device).long()
+            score = logits.gather(1, chosen[:, None]).sum()  # the offset is a constant: same gradient
             (grads,) = torch.autograd.grad(score, features)
         with torch.no_grad():
-            return CamOutput(logits.detach(), torch.softmax(logits.detach(), dim=1), chosen.detach(), _weighted_maps(grads, features))
+            return CamOutput(logits.detach(), torch.softmax(decided, dim=1), chosen.detach(), _weighted_maps(grads, features))
 
 
 def naive_grad_cam(model: torch.nn.Module, images: torch.Tensor, target: Optional[torch.Tensor] = None) -> CamOutput:

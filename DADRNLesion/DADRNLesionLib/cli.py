@@ -17,7 +17,7 @@ from .errors import Cancelled, UserInputError
 
 __all__ = ["main", "COMMANDS", "add_common_options"]
 
-COMMANDS = ["classify", "demo", "devices", "bench", "dataset", "train", "evaluate", "phantom", "compare", "liver", "compare-evaluations"]
+COMMANDS = ["classify", "demo", "devices", "bench", "dataset", "train", "evaluate", "phantom", "compare", "liver", "compare-evaluations", "calibrate"]
 
 EXIT_INTERNAL, EXIT_INPUT, EXIT_OOM, EXIT_PARTIAL, EXIT_CANCELLED = 1, 2, 3, 4, 130
 

@@ -67,6 +67,7 @@ class EvalResult:
     scored: np.ndarray  # (N,) lesion slices with a lesion outline (localization is scored on these)
     centre_hit: np.ndarray  # (N,) hot-spot centre of the predicted-class CAM inside the dilated lesion
     cam_threshold: float = 0.5
+    normal_offset: float = 0.0  # the decision rule's normal-logit offset (`decision`; 0: the network's argmax)
     patient_id: Optional[np.ndarray] = None  # (N,) str; None: each case its own patient
     subgroup: Optional[np.ndarray] = None  # (N,) str, "" where none (e.g. a phantom's "hard" / "regular")
     summary: dict[str, Any] = field(default_factory=dict)
@@ -147,13 +148,15 @@ def evaluate_cache(
     amp_dtype: Optional[torch.dtype] = None,
     batch_size: int = 64,
     cam_threshold: float = 0.5,
+    normal_offset: float = 0.0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> EvalResult:
-    """Classify and localise the cache's slices at `indices` (default: all)."""
+    """Classify and localise the cache's slices at `indices` (default: all), deciding each slice's
+    class with the normal-logit offset `normal_offset` (`decision`), as `classify` does with the card's."""
     device = torch.device(device)
     idx = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
     model = model.to(device).eval()
-    cam = GradCAM(model, amp_dtype)
+    cam = GradCAM(model, amp_dtype, normal_offset=normal_offset)
     n = idx.size
     probs = np.zeros((n, len(CLASS_NAMES)), np.float32)
     hit = np.zeros(n, bool)
@@ -208,6 +211,7 @@ def evaluate_cache(
         scored=scored,
         centre_hit=centre_hit,
         cam_threshold=cam_threshold,
+        normal_offset=float(normal_offset),
         patient_id=np.array([cache.cases[c].get("patient_id") or cache.cases[c]["case_id"] for c in case_of], dtype=object),
         subgroup=np.array([cache.cases[c].get("subgroup") or "" for c in case_of], dtype=object),
     )
@@ -238,6 +242,7 @@ def _scope_summary(r: EvalResult, sel: np.ndarray) -> dict[str, Any]:
 
 def summarise(r: EvalResult) -> dict[str, Any]:
     out: dict[str, Any] = {"all": _scope_summary(r, np.ones(r.labels.size, bool)), "cam_threshold": r.cam_threshold,
+                           "normal_logit_offset": r.normal_offset,
                            "definitions": {
                                "class accuracy": "recall of the class: correct slices of the class / slices of the class",
                                "pointing": "CAM peak of the predicted class inside the lesion dilated by 2 voxels in-plane, "
@@ -246,6 +251,9 @@ def summarise(r: EvalResult) -> dict[str, Any]:
                                "centre": f"heat-weighted centre of the peak's CAM region >= {r.cam_threshold} of its maximum inside "
                                          "the lesion dilated by 2 voxels in-plane (predicted class; predicted normal = miss)",
                                "macro": "unweighted mean over the classes present in the ground truth",
+                               "normal_logit_offset": "added to the normal class's logit before the class is decided (prior "
+                                                      "correction, chosen on validation data; 0: the network's own argmax); "
+                                                      "the probabilities in slices.csv are those after it",
                                "interval": "percentile interval over resamples of the patients (with replacement, all slices of a "
                                            "patient together; level and count in each scope's interval); none with fewer than two patients",
                            }}

@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .cam import GradCAM, normalise_per_slice
 from .classes import CLASS_NAMES, LIVER_VALUE, label_value_of_class
+from .decision import card_offset
 from .errors import Cancelled, UserInputError, WeightsError
 from .liver_check import check_liver_mask
 from .orientation import to_axial_frame
@@ -240,7 +241,7 @@ def run_pipeline(
     net = loaded.model.to(device).eval()
     if device.type == "cuda":
         net = net.to(memory_format=torch.channels_last)
-    cam = GradCAM(net, amp_dtype)
+    cam = GradCAM(net, amp_dtype, normal_offset=card_offset(loaded.card))
     batch = options.batch_size or (_gpu_batch_size(loaded, device, amp_dtype) if device.type == "cuda" else CPU_BATCH)
     timings["setup"] = time.perf_counter() - t
 
@@ -401,6 +402,8 @@ def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timin
             "trained": loaded.trained,
             "intended_use": card.intended_use,
             "input": card.input.to_dict(),
+            # the prior correction the classes were decided with (0: the network's own argmax)
+            "normal_logit_offset": card_offset(card),
         },
         "device": {
             "name": str(device),

@@ -96,6 +96,9 @@ class TrainConfig:
     grad_clip: float = 5.0
     eval_batch_size: int = 64
     sync_bn: bool = True  # SyncBatchNorm across GPUs under DDP
+    # choose the decision rule's normal-logit offset on every labelled validation slice (`decision`)
+    # after training, record it in the card and test with it
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         if self.balance not in ("sampler", "loss", "none"):
@@ -355,6 +358,31 @@ def _validate(model, cache: SliceCache, idx: np.ndarray, device, amp_dtype, batc
     summary["loss"] = float(loss_sum.item() / max(1e-12, float(cm.sum().item())))
     summary["slices"] = int(idx.size)
     return summary
+
+
+@torch.no_grad()
+def _calibrate(net, cache: SliceCache, split: dict[str, str], device, amp_dtype, batch: int, say) -> Optional[dict[str, Any]]:
+    """The card's decision rule, chosen on every labelled slice of the validation cases (normal
+    slices not thinned); None, with a message, where those slices cannot decide it."""
+    from .decision import choose_offset, decision_record
+
+    idx = cache.indices_of_cases([c for c, s in split.items() if s == "val"])
+    net = net.to(device).eval()
+    probs = np.zeros((idx.size, len(CLASS_NAMES)), np.float64)
+    for s in range(0, idx.size, batch):
+        x, _ = _to_batch(cache, idx[s : s + batch], device)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            logits = net(x)
+        probs[s : s + x.shape[0]] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+    try:
+        choice = choose_offset(cache.labels[idx], probs)
+    except ValueError as exc:
+        say(f"decision rule not calibrated ({exc}): the card keeps the network's own argmax")
+        return None
+    best, zero = choice["chosen"], choice["at_zero"]
+    say(f"decision rule: normal-logit offset {choice['normal_logit_offset']:+.1f} (every labelled validation slice, {idx.size}: "
+        f"accuracy {zero['accuracy']:.3f} -> {best['accuracy']:.3f}, macro F1 {zero['macro_f1']:.3f} -> {best['macro_f1']:.3f})")
+    return decision_record(choice, {"split": "val", "during": "training"})
 
 
 def _case_counts(cache: SliceCache, split: dict[str, str]) -> dict[str, Any]:
@@ -695,15 +723,20 @@ def train(
             net = build_model(model_config)
             net.load_state_dict(best_state)
             metrics: dict[str, Any] = {"validation": _short(_validate(net.to(dev), cache, val_idx, dev, amp_dtype, cfg.eval_batch_size, DistEnv(), val_weights))}
+            decision = _calibrate(net, test_cache, split, dev, amp_dtype, cfg.eval_batch_size, say) if cfg.calibrate else None
             if evaluate_test and test_idx.size:
                 from .evaluate import evaluate_cache, write_report
 
-                result = evaluate_cache(net, test_cache, test_idx, device=dev, amp_dtype=amp_dtype, batch_size=cfg.eval_batch_size)
+                result = evaluate_cache(net, test_cache, test_idx, device=dev, amp_dtype=amp_dtype, batch_size=cfg.eval_batch_size,
+                                        normal_offset=decision["normal_logit_offset"] if decision else 0.0)
                 write_report(result, out / "test", title=f"{model_id}: test split")
                 metrics["test"] = result.card_metrics()
                 summary["test"] = result.summary["all"]
                 say(result.text())
-            save_checkpoint(net.cpu(), out / "best.safetensors", make_card(metrics))
+            card = make_card(metrics)
+            if decision:
+                card.extra["decision"] = decision
+            save_checkpoint(net.cpu(), out / "best.safetensors", card)
             best_path = out / "best.safetensors"
             summary["validation"] = metrics["validation"]
         if env.is_main:

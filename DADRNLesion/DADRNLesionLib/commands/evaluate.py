@@ -32,6 +32,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cam-threshold", type=float, default=0.5)
     p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--normal-offset", type=float, metavar="B",
+                   help="add B to the normal class's logit before deciding each slice's class (prior correction); "
+                        "default: the model card's decision.normal_logit_offset (0 where it has none, the network's own argmax, as in the paper)")
     p.add_argument("--record-in-card", metavar="NAME",
                    help="also store the figures in the model card's metrics under NAME (e.g. test); the weights and their sha256 are unchanged")
     add_common_options(p)
@@ -39,9 +42,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    import math
+
     import torch
 
     from ..data import read_split
+    from ..decision import MAX_ABS_OFFSET, card_offset
     from ..evaluate import evaluate_cache, write_report
     from ..pipeline import load_model, resolve_device
 
@@ -49,6 +55,9 @@ def run(args) -> int:
         raise UserInputError(f"--cam-threshold must be between 0 and 1, not {args.cam_threshold}")
     device = resolve_device(args.device)
     loaded = load_model(args.weights, allow_untrained=False)
+    offset = card_offset(loaded.card) if args.normal_offset is None else args.normal_offset
+    if not math.isfinite(offset) or abs(offset) > MAX_ABS_OFFSET:
+        raise UserInputError(f"--normal-offset must be finite and within ±{MAX_ABS_OFFSET:g}, not {offset}")
     spec = loaded.card.input  # the slices are prepared as the model was trained
     cache = load_cache_from_args(args, spec, args.reporter)
     ids = [c["case_id"] for c in cache.cases]
@@ -66,8 +75,12 @@ def run(args) -> int:
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     args.reporter.info(describe_cache(cache))
     result = evaluate_cache(loaded.model, cache, idx, device=device, amp_dtype=amp, batch_size=args.batch_size,
-                            cam_threshold=args.cam_threshold, progress=lambda done, total: args.reporter("model", done, total))
-    title = f"{loaded.card.model_id} on {len(set(result.case_id.tolist()))} cases"
+                            cam_threshold=args.cam_threshold, normal_offset=offset, progress=lambda done, total: args.reporter("model", done, total))
+    result.summary["evaluated_on"] = {  # what `calibrate` checks before it records an offset in a card
+        "model_id": loaded.card.model_id, "weights_sha256": loaded.card.sha256,
+        "split_file": str(args.split_file) if args.split_file else None, "split": args.split if args.split_file else "all",
+    }
+    title = f"{loaded.card.model_id} on {len(set(result.case_id.tolist()))} cases, normal-logit offset {offset:g}"
     write_report(result, args.out, title=title)
     if args.record_in_card:
         from ..data import liver_methods, liver_sources
@@ -110,6 +123,7 @@ def _record(weights, name: str, result, args, liver: str = "unrecorded", methods
         "split": args.split if args.split_file else "all",
         "slices": "every labelled slice" if args.normal_per_case is None else f"at most {args.normal_per_case} normal slices per case",
         "liver_masks": liver,
+        "normal_logit_offset": result.normal_offset,
     }
     if source:
         entry["evaluated_on"]["source"] = source  # how the cache was built: seeds, generator and liver-method versions

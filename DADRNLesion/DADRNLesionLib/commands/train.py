@@ -77,6 +77,9 @@ def add_parser(subparsers) -> None:
     r.add_argument("--model-id", help="model id written into the card")
     r.add_argument("--intended-use", default="Research use on labelled data; not for diagnosis.", help="the card's intended-use statement")
     r.add_argument("--no-test", action="store_true", help="do not evaluate the test split at the end")
+    r.add_argument("--calibrate", action="store_true",
+                   help="after training, choose the normal-logit offset (prior correction of the class-balanced training) by macro F1 "
+                        "on every labelled validation slice, record it in the card and test with it (`dadrn-lesion calibrate` does the same later)")
     add_common_options(p)
     p.set_defaults(run=run)
 
@@ -126,7 +129,7 @@ def run(args) -> int:
         augment=None if args.no_augment else AugmentConfig(), amp=False if args.no_amp else None,
         patience=args.patience, monitor=args.monitor,
         validation_weights=args.validation_weights.replace("-", "_"), min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
-        time_limit_s=None if args.time_limit is None else args.time_limit * 60.0,
+        time_limit_s=None if args.time_limit is None else args.time_limit * 60.0, calibrate=args.calibrate,
     )
     init_from = _init_weights(args.init_weights, config) if args.init_weights and not args.resume else None
     full = _cache_for_rank(args, spec, reporter, rank)

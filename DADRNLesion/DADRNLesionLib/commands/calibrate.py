@@ -1,0 +1,98 @@
+"""`dadrn-lesion calibrate EVAL_DIR`: choose the decision rule's normal-logit offset on validation slices.
+
+    dadrn-lesion evaluate --weights W --cache C --split-file S --split val --out runs/val
+    dadrn-lesion calibrate runs/val --record-in-card --weights W
+    dadrn-lesion evaluate --weights W --cache C --split-file S --split test --out runs/test   # now with the offset
+
+Reads the evaluation's slices.csv (every labelled slice of its cases), undoes the offset it was
+made with, and picks the offset with the best macro F1 (`decision.choose_offset`). Writes
+calibration.json into EVAL_DIR; with --record-in-card also the model card's ``decision`` (the
+weights and their sha256 are unchanged). An evaluation of the test split is refused: an offset
+chosen on the cases it is then judged on would flatter it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from ..cli import add_common_options
+from ..errors import UserInputError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "calibrate",
+        help="choose the normal-logit offset (prior correction) on a validation evaluation; optionally record it in the model card",
+        description="The network is trained with every class drawn equally often; a study's liver slices are mostly normal. "
+        "An offset added to the normal logit corrects that prior. This picks it by macro F1 on the slices of an "
+        "`evaluate --split val` run.",
+    )
+    p.add_argument("evaluation", type=Path, metavar="EVAL_DIR", help="the --out folder of `dadrn-lesion evaluate` on validation cases")
+    p.add_argument("--record-in-card", action="store_true", help="store the offset in the model card of --weights as decision.normal_logit_offset")
+    p.add_argument("--weights", metavar="FILE", help="the checkpoint whose card receives the offset (default: the shipped demo model)")
+    add_common_options(p)
+    p.set_defaults(run=run)
+
+
+def _read(folder: Path):
+    import numpy as np
+
+    from ..classes import CLASS_NAMES
+
+    slices, metrics = folder / "slices.csv", folder / "metrics.json"
+    if not slices.is_file() or not metrics.is_file():
+        raise UserInputError(f"{folder}: no slices.csv and metrics.json there; give the --out folder of a `dadrn-lesion evaluate` run")
+    summary = json.loads(metrics.read_text())
+    with open(slices, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = [f"p_{c}" for c in CLASS_NAMES]
+    if not rows or not set(columns + ["label"]) <= set(rows[0]):
+        raise UserInputError(f"{slices} holds no slices with probabilities: give the folder of a `dadrn-lesion evaluate` run")
+    index = {c: i for i, c in enumerate(CLASS_NAMES)}
+    labels = np.array([index[r["label"]] for r in rows], np.int64)
+    probs = np.array([[float(r[c]) for c in columns] for r in rows], np.float64)
+    return summary, labels, probs
+
+
+def run(args) -> int:
+    from ..decision import adjust_probabilities, choose_offset, decision_record
+    from ..weights import DEMO_WEIGHTS, card_path_for, sha256_of
+
+    summary, labels, probs = _read(args.evaluation)
+    on = summary.get("evaluated_on") or {}
+    if on.get("split") == "test":
+        raise UserInputError(
+            f"{args.evaluation} evaluated the test split: choose the offset on validation cases (`evaluate --split val`) and "
+            "keep the test cases for judging the result")
+    used = float(summary.get("normal_logit_offset", 0.0))  # evaluations before the decision rule: 0
+    try:
+        choice = choose_offset(labels, adjust_probabilities(probs, -used))
+    except ValueError as exc:
+        raise UserInputError(f"{args.evaluation}: {exc}") from None
+    choice["evaluation"] = {"folder": str(args.evaluation), **on}
+    (args.evaluation / "calibration.json").write_text(json.dumps(choice, indent=2) + "\n")
+    best, zero = choice["chosen"], choice["at_zero"]
+    print(f"normal-logit offset {choice['normal_logit_offset']:+.1f} on {choice['slices']} slices: accuracy "
+          f"{zero['accuracy']:.3f} -> {best['accuracy']:.3f}, macro F1 {zero['macro_f1']:.3f} -> {best['macro_f1']:.3f}")
+    print("recall " + ", ".join(f"{k} {zero['class_accuracy'][k]:.2f} -> {v:.2f}" for k, v in best["class_accuracy"].items() if v is not None))
+    if args.record_in_card:
+        weights = Path(args.weights) if args.weights else DEMO_WEIGHTS
+        card_path = card_path_for(weights)
+        if not card_path.is_file():
+            raise UserInputError(f"no model card {card_path} next to {weights}")
+        card = json.loads(card_path.read_text())
+        sha = on.get("weights_sha256")
+        if not sha or sha != card.get("sha256") or sha != sha256_of(weights):
+            raise UserInputError(
+                f"{args.evaluation} was not made with {weights} (its record names weights {str(sha)[:12]}…): evaluate these "
+                "weights on the validation cases first")
+        card["decision"] = decision_record(choice, {k: v for k, v in choice["evaluation"].items() if k != "weights_sha256"})
+        tmp = card_path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(card, indent=2) + "\n")
+        os.replace(tmp, card_path)
+        args.reporter.info(f"recorded decision.normal_logit_offset = {choice['normal_logit_offset']:g} in {card_path}")
+    args.reporter.done(out=str(args.evaluation / "calibration.json"), normal_logit_offset=choice["normal_logit_offset"])
+    return 0
