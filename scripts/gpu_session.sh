@@ -112,7 +112,8 @@ unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
 "${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt"
 rm -rf "${parts[@]}"
 
-# 3. Train DADRN-A (sigmoid, sum fusion) on DRN-D-22 x WIDTH at SIZE px until the deadline, keeping
+# 3. Train DADRN-A (sigmoid, sum fusion) on DRN-D-22 x WIDTH at SIZE px until the deadline (then the
+#    decision rule is chosen on the validation split, --calibrate), keeping
 #    60 s for the test evaluation and packing (90 s with INIT, whose weights are scored on the same
 #    test split); the time limit fits the epochs and the schedule.
 RESERVE_S=$([ -n "$INIT" ] && echo 90 || echo 60)
@@ -124,7 +125,7 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on $SOURCES; n
 "${DADRN[@]}" train --cache "$WORK/cache/all" --input-size "$SIZE" --normal-per-case 12 --split-seed 0 \
     --model dadrn50-a --backbone drn_d_22 --width "$WIDTH" --dropout 0.1 --batch-size "$BATCH" --lr "$LR" \
     --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \
-    --time-limit "$MINUTES" --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
+    --time-limit "$MINUTES" --calibrate --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
     ${INIT:+--init-weights "$INIT"} --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
 TRAIN_RC=$?
 log "training exit $TRAIN_RC"
