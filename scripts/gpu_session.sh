@@ -6,7 +6,8 @@
 # Environment: OUT (results), BUDGET_S (wall seconds for everything, default 540), PROCS (parallel
 # phantom generators, default: CPU count), CASES_PER_PROC (default 60), DATA_S (instead: each
 # generator makes sets of CHUNK phantoms, default 10, until DATA_S seconds have passed, so that the
-# data fills the time a machine of unknown speed allows), SEED0 (first phantom seed),
+# data fills the time a machine of unknown speed allows; a set starts only where one as long as the
+# generator's last still ends in time), SEED0 (first phantom seed),
 # SIZE / WIDTH / BATCH / LR (model input side, backbone width, batch, peak learning rate),
 # DEVICE (default cuda), BENCH (0: skip part 1), TRAIN (0: skip part 2), REAL (a folder of real
 # cases to paint lesions into, default .device-carry/real; empty: phantoms only), REAL_ROUNDS
@@ -83,7 +84,11 @@ if [ -n "${DATA_S:-}" ]; then
   DATA_END=$(( $(date +%s) + DATA_S ))
   log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s, liver masks: $LIVER_SOURCE"
   for i in $(seq 0 $((PROCS - 1))); do
-    ( r=0; while [ "$(date +%s)" -lt "$DATA_END" ]; do phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK" "$(liver_source_of $i)"; r=$((r + 1)); done ) &
+    # A set starts only if one as long as this generator's last still ends by the deadline (a set of
+    # ten with automatic masks takes over a minute: checking the start alone overran DATA_S by 73 s).
+    ( r=0; last=0; while [ $(( $(date +%s) + last )) -le "$DATA_END" ]; do
+        t=$(date +%s); phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK" "$(liver_source_of $i)"; last=$(( $(date +%s) - t )); r=$((r + 1))
+      done ) &
   done
 else
   log "phantoms: $PROCS x $CASES_PER_PROC cases, liver masks: $LIVER_SOURCE"
