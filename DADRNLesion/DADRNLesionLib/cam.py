@@ -24,11 +24,12 @@ __all__ = ["CamOutput", "GradCAM", "naive_grad_cam", "normalise_per_slice"]
 
 @dataclass
 class CamOutput:
+    """The logits are the network's own; the probabilities and the default target follow the
+    decision rule (`decision`: the normal-logit offset), which moves no lesion class against another."""
+
     logits: torch.Tensor  # (n, classes), float32
     probabilities: torch.Tensor  # (n, classes), float32
     target: torch.Tensor  # (n,), the class each map explains
-    # logits are the network's own; probabilities and the default target follow the decision rule
-    # (`decision`: the normal-logit offset), which shifts no lesion class against another
     cams: torch.Tensor  # (n, h, w), float32, ReLU'd, not normalised
 
 
