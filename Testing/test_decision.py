@@ -77,6 +77,7 @@ def test_the_pipeline_takes_the_cards_offset_and_reports_it():
         model.model.fc.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 3.0, 0.0]))  # HCC everywhere
     run = run_pipeline(ct, liver_mask=liver, model=model, options=opts)
     assert {s.predicted_class for s in run.slices} == {"hcc"} and run.report["model"]["normal_logit_offset"] == 0.0
+    assert run.report["cam_smoothing_cells"] == opts.cam_smoothing
     run = run_pipeline(ct, liver_mask=liver, model=_with_decision(model, 6.0), options=opts)
     assert {s.predicted_class for s in run.slices} == {"normal"} and run.report["model"]["normal_logit_offset"] == 6.0
     assert run.labelmap.array.max() <= 1 and run.heatmap.array.max() == 0  # no lesion slice: no lesion label, no heatmap

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from DADRNLesionLib.preprocess import (
-    CropBox, InputSpec, liver_crop_box, liver_slice_indices, maps_to_slices, neighbour_indices, prepare_batch,
+    CAM_SMOOTHING_CELLS, CropBox, InputSpec, liver_crop_box, liver_slice_indices, maps_to_slices, neighbour_indices, prepare_batch,
+    smooth_maps,
 )
 
 
@@ -72,3 +73,33 @@ def test_input_spec_validates():
     with pytest.raises(ValueError):
         InputSpec(size=30)
     assert InputSpec.from_dict(InputSpec(size=128).to_dict()).size == 128
+
+
+def test_smoothing_takes_the_heat_peak_off_a_ripple_to_the_middle_of_the_hot_spot():
+    """A hot spot of four equal cells with a 5 % ripple on one: the bilinear map peaks on that cell's
+    centre, the smoothed map in the middle of the four, where the lesion under them lies."""
+    grid = torch.zeros(1, 8, 8)
+    grid[0, 3:5, 3:5] = 1.0
+    grid[0, 3, 3] = 1.05
+    box = CropBox(0, 80, 0, 80)  # 10 pixels a cell
+    raw = maps_to_slices(grid, box, (80, 80))[0]
+    smooth = maps_to_slices(grid, box, (80, 80), CAM_SMOOTHING_CELLS)[0]
+    middle = np.array([39.5, 39.5])  # between the four cells' centres (34.5 and 44.5)
+    raw_peak = np.array(np.unravel_index(int(raw.argmax()), raw.shape))
+    smooth_peak = np.array(np.unravel_index(int(smooth.argmax()), smooth.shape))
+    assert np.abs(raw_peak - 34.5).max() <= 0.5  # on the rippled cell's centre
+    assert np.abs(smooth_peak - middle).max() <= 1.0
+    # Smoothing keeps the maps' mean (a normalised kernel) and 0 leaves them alone.
+    up = torch.rand(2, 40, 30)
+    assert torch.equal(smooth_maps(up, (4, 3), 0.0), up)
+    assert smooth_maps(up, (4, 3), 1.5).mean().item() == pytest.approx(up.mean().item(), rel=0.05)
+
+
+def test_heatmap_smoothing_option_is_checked_and_reported():
+    from DADRNLesionLib.errors import UserInputError
+    from DADRNLesionLib.pipeline import PipelineOptions
+
+    assert PipelineOptions().cam_smoothing == CAM_SMOOTHING_CELLS
+    for bad in (-0.5, 9.0):
+        with pytest.raises(UserInputError, match="cam-smoothing"):
+            PipelineOptions(cam_smoothing=bad)

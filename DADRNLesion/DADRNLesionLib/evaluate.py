@@ -1,7 +1,8 @@
 """The paper's tables for a test set: classification per class and overall, and localization.
 
 Each slice goes through the model and Grad-CAM exactly as in `pipeline.run_pipeline`: the CAM
-of the predicted class, upsampled bilinearly to the case's liver crop box, masked by the liver,
+of the predicted class, upsampled bilinearly to the case's liver crop box, smoothed
+(`preprocess.smooth_maps`), masked by the liver,
 scaled to [0, 1]; its peak is the slice's point, its >= `cam_threshold` region the lesion's
 label. Both are scored on the CT's own in-plane grid against the ground-truth lesion:
 * pointing game: the peak lies in the lesion dilated by 2 voxels in-plane (a slice predicted
@@ -36,6 +37,7 @@ from .bootstrap import format_interval, patient_bootstrap
 from .cam import GradCAM
 from .classes import CLASS_NAMES, LESION_CLASSES
 from .data import SliceCache
+from .preprocess import CAM_SMOOTHING_CELLS, smooth_maps
 from .metrics import (
     classification_summary,
     confusion_matrix,
@@ -67,6 +69,7 @@ class EvalResult:
     scored: np.ndarray  # (N,) lesion slices with a lesion outline (localization is scored on these)
     centre_hit: np.ndarray  # (N,) hot-spot centre of the predicted-class CAM inside the dilated lesion
     cam_threshold: float = 0.5
+    cam_smoothing: float = 0.0  # Gaussian sigma of the heatmap in cells of the model's map (`preprocess.smooth_maps`)
     normal_offset: float = 0.0  # the decision rule's normal-logit offset (`decision`; 0: the network's argmax)
     patient_id: Optional[np.ndarray] = None  # (N,) str; None: each case its own patient
     subgroup: Optional[np.ndarray] = None  # (N,) str, "" where none (e.g. a phantom's "hard" / "regular")
@@ -119,10 +122,12 @@ class Localisation(NamedTuple):
     centre_hit: bool  # the heat-weighted centre of the peak's >= threshold region inside the dilated lesion
 
 
-def localise(cam: torch.Tensor, masks: np.ndarray, threshold: float) -> Localisation:
-    """Score one CAM (h, w) against one slice's (liver, lesion, dilated lesion) masks in its crop box."""
+def localise(cam: torch.Tensor, masks: np.ndarray, threshold: float, smoothing: float = 0.0) -> Localisation:
+    """Score one CAM (h, w) against one slice's (liver, lesion, dilated lesion) masks in its crop box,
+    upsampled and smoothed (`smoothing` cells) as `classify` makes its heatmap."""
     liver = torch.from_numpy(masks[0].astype(np.float32))
-    up = F.interpolate(cam[None, None].float().cpu(), size=tuple(liver.shape), mode="bilinear", align_corners=False)[0, 0]
+    up = F.interpolate(cam[None, None].float().cpu(), size=tuple(liver.shape), mode="bilinear", align_corners=False)[0]
+    up = smooth_maps(up, tuple(cam.shape), smoothing)[0]
     heat = up.clamp(min=0) * liver
     top = float(heat.max())
     core = masks[1] > 0
@@ -148,6 +153,7 @@ def evaluate_cache(
     amp_dtype: Optional[torch.dtype] = None,
     batch_size: int = 64,
     cam_threshold: float = 0.5,
+    cam_smoothing: float = CAM_SMOOTHING_CELLS,
     normal_offset: float = 0.0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> EvalResult:
@@ -184,13 +190,13 @@ def evaluate_cache(
             scored[rows[r]] = True
             box = cache.cases[int(cache.case[sample])]["box"]
             if pred[r] != 0:
-                h, v, (pr, pc), ch = localise(out.cams[r], masks, cam_threshold)
+                h, v, (pr, pc), ch = localise(out.cams[r], masks, cam_threshold, cam_smoothing)
                 hit[rows[r]], iou[rows[r]], centre_hit[rows[r]] = h, v, ch
                 if pr >= 0:
                     peak[rows[r]] = (box[2] + pc, box[0] + pr)
             else:
                 iou[rows[r]] = 0.0
-            h, v, _, _ = localise(true_out.cams[pos], masks, cam_threshold)
+            h, v, _, _ = localise(true_out.cams[pos], masks, cam_threshold, cam_smoothing)
             hit_true[rows[r]], iou_true[rows[r]] = h, v
         if progress is not None:
             progress(int(rows[-1]) + 1, n)
@@ -211,6 +217,7 @@ def evaluate_cache(
         scored=scored,
         centre_hit=centre_hit,
         cam_threshold=cam_threshold,
+        cam_smoothing=float(cam_smoothing),
         normal_offset=float(normal_offset),
         patient_id=np.array([cache.cases[c].get("patient_id") or cache.cases[c]["case_id"] for c in case_of], dtype=object),
         subgroup=np.array([cache.cases[c].get("subgroup") or "" for c in case_of], dtype=object),
@@ -242,7 +249,7 @@ def _scope_summary(r: EvalResult, sel: np.ndarray) -> dict[str, Any]:
 
 def summarise(r: EvalResult) -> dict[str, Any]:
     out: dict[str, Any] = {"all": _scope_summary(r, np.ones(r.labels.size, bool)), "cam_threshold": r.cam_threshold,
-                           "normal_logit_offset": r.normal_offset,
+                           "cam_smoothing_cells": r.cam_smoothing, "normal_logit_offset": r.normal_offset,
                            "definitions": {
                                "class accuracy": "recall of the class: correct slices of the class / slices of the class",
                                "pointing": "CAM peak of the predicted class inside the lesion dilated by 2 voxels in-plane, "

@@ -26,7 +26,7 @@ from .decision import card_offset
 from .errors import Cancelled, UserInputError, WeightsError
 from .liver_check import check_liver_mask
 from .orientation import to_axial_frame
-from .preprocess import liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
+from .preprocess import CAM_SMOOTHING_CELLS, liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
 from .results import PipelineResult, SliceResult, study_summary
 from .volume import Volume
 from .weights import DEMO_WEIGHTS, LoadedModel, load_checkpoint, random_model
@@ -47,6 +47,7 @@ class PipelineOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     batch_size: Optional[int] = None  # None: 8 on CPU, sized from free memory on a GPU
     cam_threshold: float = 0.5
+    cam_smoothing: float = CAM_SMOOTHING_CELLS  # Gaussian sigma of the heatmap, in cells of the model's map
     amp: Optional[bool] = None  # None: on for CUDA (bf16 where supported, else fp16)
     threads: Optional[int] = None  # intra-op CPU threads; None: physical cores
     liver_method: str = "auto"  # auto (built-in) | totalsegmentator
@@ -54,6 +55,8 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if not 0.0 < self.cam_threshold < 1.0:
             raise UserInputError(f"--cam-threshold must be between 0 and 1 (exclusive), not {self.cam_threshold}")
+        if not 0.0 <= self.cam_smoothing <= 5.0:
+            raise UserInputError(f"--cam-smoothing must be between 0 and 5 cells of the model's map, not {self.cam_smoothing}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserInputError(f"--batch-size must be at least 1, not {self.batch_size}")
 
@@ -246,7 +249,8 @@ def run_pipeline(
     timings["setup"] = time.perf_counter() - t
 
     with _threads(options.threads, device):
-        heat, probs, batch, stage_t = _classify_slices(axial.array, liver, slices, box, spec, cam, device, batch, progress, cancelled)
+        heat, probs, batch, stage_t = _classify_slices(axial.array, liver, slices, box, spec, cam, device, batch, progress, cancelled,
+                                                       options.cam_smoothing)
     timings.update(stage_t)
     if not np.isfinite(probs).all():  # NaN would argmax to "normal" and pass unnoticed
         raise WeightsError(
@@ -287,7 +291,7 @@ def run_pipeline(
     return PipelineResult(liver_out, heat_out, labels_out, results, report)
 
 
-def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress, cancelled):
+def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress, cancelled, smoothing=0.0):
     """Stream liver slices through model + Grad-CAM in batches.
 
     On a GPU the next batch is cut and copied while the current one runs: results of batch i are
@@ -309,7 +313,7 @@ def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress,
         lesion_rows = p.argmax(axis=1) != 0
         if lesion_rows.any():
             keep = torch.from_numpy(lesion_rows).to(out.cams.device)
-            placed = maps_to_slices(out.cams[keep], box, (rows, cols))
+            placed = maps_to_slices(out.cams[keep], box, (rows, cols), smoothing)
             idx = ks[lesion_rows]
             heat[idx] = normalise_per_slice(placed * liver[idx])
         stage_t["postprocess"] += time.perf_counter() - t
@@ -394,6 +398,7 @@ def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timin
         "slice_counts": counts,
         "summary": summary,
         "cam_threshold": options.cam_threshold,
+        "cam_smoothing_cells": options.cam_smoothing,
         "model": {
             "id": card.model_id,
             "architecture": card.config.display_name,

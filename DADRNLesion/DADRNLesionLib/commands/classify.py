@@ -36,6 +36,8 @@ def add_pipeline_options(p) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N or mps")
     p.add_argument("--batch-size", type=int, default=None, help="slices per batch (default: 8 on CPU, from free memory on a GPU)")
     p.add_argument("--cam-threshold", type=float, default=0.5, help="fraction of a slice's heatmap maximum that marks the lesion (default 0.5)")
+    p.add_argument("--cam-smoothing", type=float, default=None, metavar="CELLS",
+                   help="Gaussian sigma of the heatmap in cells of the model's map (default 1.5; 0: plain bilinear upsampling)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
     p.add_argument("--no-amp", action="store_true", help="full precision on the GPU")
 
@@ -45,6 +47,7 @@ def options_from(args) -> PipelineOptions:
         device=args.device,
         batch_size=args.batch_size,
         cam_threshold=args.cam_threshold,
+        **({} if args.cam_smoothing is None else {"cam_smoothing": args.cam_smoothing}),
         amp=False if args.no_amp else None,
         threads=args.threads,
         liver_method=args.liver_method,

@@ -31,6 +31,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cam-threshold", type=float, default=0.5)
+    p.add_argument("--cam-smoothing", type=float, default=None, metavar="CELLS",
+                   help="Gaussian sigma of the heatmap in cells of the model's map, as classify's (default: classify's default)")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--normal-offset", type=float, metavar="B",
                    help="add B to the normal class's logit before deciding each slice's class (prior correction); "
@@ -55,6 +57,11 @@ def run(args) -> int:
         raise UserInputError(f"--cam-threshold must be between 0 and 1, not {args.cam_threshold}")
     device = resolve_device(args.device)
     loaded = load_model(args.weights, allow_untrained=False)
+    from ..preprocess import CAM_SMOOTHING_CELLS
+
+    smoothing = CAM_SMOOTHING_CELLS if args.cam_smoothing is None else args.cam_smoothing
+    if not 0 <= smoothing <= 5:
+        raise UserInputError(f"--cam-smoothing must be between 0 and 5 cells, not {smoothing}")
     offset = card_offset(loaded.card) if args.normal_offset is None else args.normal_offset
     if not math.isfinite(offset) or abs(offset) > MAX_ABS_OFFSET:
         raise UserInputError(f"--normal-offset must be finite and within ±{MAX_ABS_OFFSET:g}, not {offset}")
@@ -75,7 +82,7 @@ def run(args) -> int:
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     args.reporter.info(describe_cache(cache))
     result = evaluate_cache(loaded.model, cache, idx, device=device, amp_dtype=amp, batch_size=args.batch_size,
-                            cam_threshold=args.cam_threshold, normal_offset=offset, progress=lambda done, total: args.reporter("model", done, total))
+                            cam_threshold=args.cam_threshold, cam_smoothing=smoothing, normal_offset=offset, progress=lambda done, total: args.reporter("model", done, total))
     result.summary["evaluated_on"] = {  # what `calibrate` checks before it records an offset in a card
         "model_id": loaded.card.model_id, "weights_sha256": loaded.card.sha256,
         "split_file": str(args.split_file) if args.split_file else None, "split": args.split if args.split_file else "all",
@@ -124,6 +131,7 @@ def _record(weights, name: str, result, args, liver: str = "unrecorded", methods
         "slices": "every labelled slice" if args.normal_per_case is None else f"at most {args.normal_per_case} normal slices per case",
         "liver_masks": liver,
         "normal_logit_offset": result.normal_offset,
+        "cam_smoothing_cells": result.cam_smoothing,
     }
     if source:
         entry["evaluated_on"]["source"] = source  # how the cache was built: seeds, generator and liver-method versions
