@@ -130,7 +130,7 @@ def _to_device(array: np.ndarray, device) -> torch.Tensor:
 # 7 mm over a liver box). The map of a dilated network carries cell-to-cell ripple (gridding), and
 # the peak of a bilinear upsampling can only sit on a cell centre, so a lesion's heat often peaks a
 # cell or two beside it. Chosen on the demo model's validation cases: the largest smoothing that
-# kept every class's CAM IoU within 0.02 of the unsmoothed map (docs/training.md, section 4).
+# kept every class's CAM IoU within 0.02 of the unsmoothed map (docs/training.md, "The heatmap's smoothing").
 CAM_SMOOTHING_CELLS = 1.5
 
 
