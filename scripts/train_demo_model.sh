@@ -119,7 +119,8 @@ dadrn-lesion train --cache "$WORK/cache3/all" --input-size 224 --normal-per-case
     --init-weights "$WORK/train2/best.safetensors" --out "$WORK/train3"
 # The decision rule (added after stage 3 first shipped; `train --calibrate` now does this step): the
 # normal-logit offset chosen on every labelled slice of stage 3's validation cases, recorded in the
-# card; the test split and the 50 further phantoms are then scored with it.
+# card; the test split and the 50 further phantoms are then scored with it (and with the heatmap
+# smoothing of 1.5 cells, `evaluate`'s default since then).
 dadrn-lesion evaluate --weights "$WORK/train3/best.safetensors" --cache "$WORK/cache3/all" --split-file "$WORK/split3.csv" \
     --split val --device cpu --out "$WORK/val3"
 dadrn-lesion calibrate "$WORK/val3" --weights "$WORK/train3/best.safetensors" --record-in-card
