@@ -37,6 +37,7 @@ from .errors import UserInputError
 from .metrics import classification_summary, confusion_matrix
 from .model import PRESETS, ModelConfig
 from .model.roi import ROIClassifier, ROIConfig, boxes_from_masks, crop_patches, to_five_class
+from .preprocess import CAM_SMOOTHING_CELLS
 from .train import TrainConfig, augment_batch, balanced_order, lr_at
 
 __all__ = [
@@ -119,6 +120,7 @@ class CompareConfig:
     device: str = "auto"
     threads: Optional[int] = None
     cam_threshold: float = 0.5
+    cam_smoothing: float = CAM_SMOOTHING_CELLS  # as `classify` makes its heatmap (`preprocess.smooth_maps`)
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -311,7 +313,7 @@ def _digest(obj: Any) -> str:
 def _run_key(method: Method, model_cfg: Any, cfg: CompareConfig, cache: SliceCache, split: dict[str, str]) -> str:
     return _digest({"method": method.key, "model": model_cfg.to_dict(), "train": cfg.train.to_dict(), "input": cache.spec.to_dict(),
                     "rule": cache.rule.to_dict(), "source": cache.source, "split": sorted(split.items()),
-                    "cam_threshold": cfg.cam_threshold})
+                    "cam_threshold": cfg.cam_threshold, "cam_smoothing": cfg.cam_smoothing})
 
 
 def run_comparison(
@@ -366,7 +368,7 @@ def run_comparison(
                 dev = _device(cfg.device)
                 ev = evaluate_cache(best.model, cache, cache.indices_of_cases([c for c, s in split.items() if s == "test"]),
                                     device=dev, amp_dtype=_amp_dtype(dev, cfg.train.amp), batch_size=cfg.train.eval_batch_size,
-                                    cam_threshold=cfg.cam_threshold)
+                                    cam_threshold=cfg.cam_threshold, cam_smoothing=cfg.cam_smoothing)
                 write_report(ev, run_dir / "test", title=f"{method.label} (split {seed}): test")
                 test = ev.summary["all"]
                 summary = {"status": res.status, "epochs_run": res.epochs_run, "steps": res.steps, "best_epoch": res.best_epoch,

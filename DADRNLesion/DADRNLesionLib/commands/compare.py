@@ -53,6 +53,8 @@ def add_parser(subparsers) -> None:
     r.add_argument("--device", default="auto")
     r.add_argument("--threads", type=int, help="CPU threads (1 is often fastest for small models on a busy machine)")
     r.add_argument("--cam-threshold", type=float, default=0.5)
+    r.add_argument("--cam-smoothing", type=float, default=None, metavar="CELLS",
+                   help="Gaussian sigma of the heatmap in cells of the model's map, as classify's (default: classify's; 0: none, as runs before 27 November 2026)")
     r.add_argument("--tables-only", action="store_true", help="only (re)write the tables from the finished runs in --out")
     r.add_argument("--force", action="store_true", help="retrain runs that are already finished")
     add_common_options(p)
@@ -105,7 +107,8 @@ def run(args) -> int:
                                 patience=args.patience, seed=args.seed, augment=None if args.no_augment else AugmentConfig())
         cfg = C.CompareConfig(methods=methods, split_seeds=tuple(args.split_seeds), split_fractions=tuple(args.split_fractions),
                               width=args.width, train=train_cfg, roi=roi, device=args.device, threads=args.threads,
-                              cam_threshold=args.cam_threshold)
+                              cam_threshold=args.cam_threshold,
+                              **({} if args.cam_smoothing is None else {"cam_smoothing": args.cam_smoothing}))
         for m in methods:  # unknown backbones and the like fail before any training
             C.parameter_count(C.METHODS[m], cfg.model_config(C.METHODS[m]))
     except ValueError as exc:
