@@ -81,8 +81,8 @@ def run(args) -> int:
     if args.record_in_card:
         weights = Path(args.weights) if args.weights else DEMO_WEIGHTS
         card_path = card_path_for(weights)
-        if not card_path.is_file():
-            raise UserInputError(f"no model card {card_path} next to {weights}")
+        if not weights.is_file() or not card_path.is_file():
+            raise UserInputError(f"no weights {weights} with their model card {card_path.name}: give --weights the checkpoint that was evaluated")
         card = json.loads(card_path.read_text())
         sha = on.get("weights_sha256")
         if not sha or sha != card.get("sha256") or sha != sha256_of(weights):
