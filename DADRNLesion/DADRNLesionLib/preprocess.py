@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InputSpec", "CropBox", "liver_crop_box", "liver_slice_indices", "neighbour_indices", "prepare_batch", "maps_to_slices", "smooth_maps", "CAM_SMOOTHING_CELLS"]
+__all__ = ["InputSpec", "CropBox", "liver_crop_box", "liver_slice_indices", "neighbour_indices", "prepare_batch", "maps_to_slices", "smooth_maps", "CAM_SMOOTHING_CELLS",
+           "MAX_CAM_SMOOTHING_CELLS"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ def _to_device(array: np.ndarray, device) -> torch.Tensor:
 # cell or two beside it. Chosen on the demo model's validation cases: the largest smoothing that
 # kept every class's CAM IoU within 0.02 of the unsmoothed map (docs/training.md, "The heatmap's smoothing").
 CAM_SMOOTHING_CELLS = 1.5
+MAX_CAM_SMOOTHING_CELLS = 5.0  # beyond this the heatmap is a blur over the whole liver box
 
 
 def smooth_maps(up: torch.Tensor, grid_shape: tuple[int, int], sigma_cells: float) -> torch.Tensor:
@@ -145,9 +147,8 @@ def smooth_maps(up: torch.Tensor, grid_shape: tuple[int, int], sigma_cells: floa
         radius = max(1, int(np.ceil(3.0 * sigma)))
         x = torch.arange(-radius, radius + 1, dtype=up.dtype, device=up.device)
         kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-        kernel = (kernel / kernel.sum()).view(1, 1, -1, 1) if axis == 0 else (kernel / kernel.sum()).view(1, 1, 1, -1)
-        pad = (0, 0, radius, radius) if axis == 0 else (radius, radius, 0, 0)
-        out = F.conv2d(F.pad(out, pad, mode="replicate"), kernel)
+        shape, pad = ((1, 1, -1, 1), (0, 0, radius, radius)) if axis == 0 else ((1, 1, 1, -1), (radius, radius, 0, 0))
+        out = F.conv2d(F.pad(out, pad, mode="replicate"), (kernel / kernel.sum()).view(shape))
     return out[:, 0]
 
 
