@@ -96,10 +96,14 @@ def test_smoothing_takes_the_heat_peak_off_a_ripple_to_the_middle_of_the_hot_spo
 
 
 def test_heatmap_smoothing_option_is_checked_and_reported():
+    from DADRNLesionLib.compare import CompareConfig
     from DADRNLesionLib.errors import UserInputError
     from DADRNLesionLib.pipeline import PipelineOptions
 
     assert PipelineOptions().cam_smoothing == CAM_SMOOTHING_CELLS
+    assert CompareConfig().cam_smoothing == CAM_SMOOTHING_CELLS
     for bad in (-0.5, 9.0):
         with pytest.raises(UserInputError, match="cam-smoothing"):
             PipelineOptions(cam_smoothing=bad)
+        with pytest.raises(UserInputError, match="cam-smoothing"):
+            CompareConfig(cam_smoothing=bad)

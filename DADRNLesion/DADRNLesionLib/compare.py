@@ -37,7 +37,7 @@ from .errors import UserInputError
 from .metrics import classification_summary, confusion_matrix
 from .model import PRESETS, ModelConfig
 from .model.roi import ROIClassifier, ROIConfig, boxes_from_masks, crop_patches, to_five_class
-from .preprocess import CAM_SMOOTHING_CELLS
+from .preprocess import CAM_SMOOTHING_CELLS, check_cam_smoothing
 from .train import TrainConfig, augment_batch, balanced_order, lr_at
 
 __all__ = [
@@ -128,6 +128,7 @@ class CompareConfig:
             raise UserInputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
         if not self.methods:
             raise UserInputError("no methods to compare")
+        check_cam_smoothing(self.cam_smoothing)
         if not self.split_seeds:
             raise UserInputError("give at least one split seed")
 

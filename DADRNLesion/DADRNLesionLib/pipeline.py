@@ -26,7 +26,7 @@ from .decision import card_offset
 from .errors import Cancelled, UserInputError, WeightsError
 from .liver_check import check_liver_mask
 from .orientation import to_axial_frame
-from .preprocess import CAM_SMOOTHING_CELLS, MAX_CAM_SMOOTHING_CELLS, liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
+from .preprocess import CAM_SMOOTHING_CELLS, check_cam_smoothing, liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
 from .results import PipelineResult, SliceResult, study_summary
 from .volume import Volume
 from .weights import DEMO_WEIGHTS, LoadedModel, load_checkpoint, random_model
@@ -55,8 +55,7 @@ class PipelineOptions:
     def __post_init__(self) -> None:
         if not 0.0 < self.cam_threshold < 1.0:
             raise UserInputError(f"--cam-threshold must be between 0 and 1 (exclusive), not {self.cam_threshold}")
-        if not 0.0 <= self.cam_smoothing <= MAX_CAM_SMOOTHING_CELLS:
-            raise UserInputError(f"--cam-smoothing must be between 0 and {MAX_CAM_SMOOTHING_CELLS:g} cells of the model's map, not {self.cam_smoothing}")
+        check_cam_smoothing(self.cam_smoothing)
         if self.batch_size is not None and self.batch_size < 1:
             raise UserInputError(f"--batch-size must be at least 1, not {self.batch_size}")
 

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InputSpec", "CropBox", "liver_crop_box", "liver_slice_indices", "neighbour_indices", "prepare_batch", "maps_to_slices", "smooth_maps", "CAM_SMOOTHING_CELLS",
+from .errors import UserInputError
+
+__all__ = ["InputSpec", "CropBox", "liver_crop_box", "liver_slice_indices", "neighbour_indices", "prepare_batch", "maps_to_slices", "smooth_maps", "check_cam_smoothing", "CAM_SMOOTHING_CELLS",
            "MAX_CAM_SMOOTHING_CELLS"]
 
 
@@ -134,6 +136,13 @@ def _to_device(array: np.ndarray, device) -> torch.Tensor:
 # kept every class's CAM IoU within 0.02 of the unsmoothed map (docs/training.md, "The heatmap's smoothing").
 CAM_SMOOTHING_CELLS = 1.5
 MAX_CAM_SMOOTHING_CELLS = 5.0  # beyond this the heatmap is a blur over the whole liver box
+
+
+def check_cam_smoothing(cells: float) -> float:
+    """The one range check of `--cam-smoothing`, for `classify`, `evaluate` and `compare` alike."""
+    if not 0.0 <= cells <= MAX_CAM_SMOOTHING_CELLS:
+        raise UserInputError(f"--cam-smoothing must be between 0 and {MAX_CAM_SMOOTHING_CELLS:g} cells of the model's map, not {cells}")
+    return float(cells)
 
 
 def smooth_maps(up: torch.Tensor, grid_shape: tuple[int, int], sigma_cells: float) -> torch.Tensor:

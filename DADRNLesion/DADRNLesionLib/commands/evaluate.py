@@ -57,11 +57,9 @@ def run(args) -> int:
         raise UserInputError(f"--cam-threshold must be between 0 and 1, not {args.cam_threshold}")
     device = resolve_device(args.device)
     loaded = load_model(args.weights, allow_untrained=False)
-    from ..preprocess import CAM_SMOOTHING_CELLS, MAX_CAM_SMOOTHING_CELLS
+    from ..preprocess import CAM_SMOOTHING_CELLS, check_cam_smoothing
 
-    smoothing = CAM_SMOOTHING_CELLS if args.cam_smoothing is None else args.cam_smoothing
-    if not 0 <= smoothing <= MAX_CAM_SMOOTHING_CELLS:
-        raise UserInputError(f"--cam-smoothing must be between 0 and {MAX_CAM_SMOOTHING_CELLS:g} cells of the model's map, not {smoothing}")
+    smoothing = check_cam_smoothing(CAM_SMOOTHING_CELLS if args.cam_smoothing is None else args.cam_smoothing)
     offset = card_offset(loaded.card) if args.normal_offset is None else args.normal_offset
     if not math.isfinite(offset) or abs(offset) > MAX_ABS_OFFSET:
         raise UserInputError(f"--normal-offset must be finite and within ±{MAX_ABS_OFFSET:g}, not {offset}")
