@@ -744,6 +744,9 @@ def train(
         return TrainResult(out, best_path, status, state["epoch"], state["step"], state["best_epoch"] + 1, state["best"],
                            state["history"], summary["seconds"], summary)
     finally:
+        # The DDP wrapper's reducer holds the process group: let it go first, so that the group is
+        # shut down here rather than when the wrapper is freed, possibly at interpreter exit.
+        model = None  # noqa: F841
         teardown(env)
 
 
