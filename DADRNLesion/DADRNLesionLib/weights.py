@@ -25,7 +25,7 @@ from .errors import WeightsError
 from .model import LesionClassifier, ModelConfig, build_model
 from .preprocess import InputSpec
 
-__all__ = ["LoadedModel", "ModelCard", "save_checkpoint", "load_checkpoint", "random_model", "sha256_of", "DEMO_WEIGHTS", "card_path_for"]
+__all__ = ["LoadedModel", "ModelCard", "save_checkpoint", "load_checkpoint", "random_model", "sha256_of", "DEMO_WEIGHTS", "card_path_for", "write_card"]
 
 PathLike = Union[str, os.PathLike]
 CARD_FORMAT = 1
@@ -140,6 +140,14 @@ def card_path_for(weights: PathLike) -> Path:
     return weights.with_name(weights.name.split(".")[0] + ".json")
 
 
+def write_card(card_path: PathLike, card: dict[str, Any]) -> None:
+    """Replace a model card in one step: a reader never sees half a card, a crash leaves the old one."""
+    card_path = Path(card_path)
+    tmp = card_path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    os.replace(tmp, card_path)
+
+
 def save_checkpoint(model: LesionClassifier, path: PathLike, card: ModelCard) -> Path:
     """Write NAME.safetensors and NAME.json (card with the file's sha256); returns the weights path."""
     from safetensors.torch import save_file
@@ -153,9 +161,7 @@ def save_checkpoint(model: LesionClassifier, path: PathLike, card: ModelCard) ->
     save_file(state, str(tmp), metadata={"model_id": card.model_id, "format": str(CARD_FORMAT)})
     os.replace(tmp, path)
     card.sha256 = sha256_of(path)
-    card_tmp = card_path_for(path).with_suffix(".json.partial")
-    card_tmp.write_text(json.dumps(card.to_dict(), indent=2) + "\n")
-    os.replace(card_tmp, card_path_for(path))
+    write_card(card_path_for(path), card.to_dict())
     return path
 
 

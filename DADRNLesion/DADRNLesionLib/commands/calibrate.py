@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 from ..cli import add_common_options
@@ -59,7 +58,7 @@ def _read(folder: Path):
 
 def run(args) -> int:
     from ..decision import adjust_probabilities, choose_offset, decision_record
-    from ..weights import DEMO_WEIGHTS, card_path_for, sha256_of
+    from ..weights import DEMO_WEIGHTS, card_path_for, sha256_of, write_card
 
     summary, labels, probs = _read(args.evaluation)
     on = summary.get("evaluated_on") or {}
@@ -90,9 +89,7 @@ def run(args) -> int:
                 f"{args.evaluation} was not made with {weights} (its record names weights {str(sha)[:12]}…): evaluate these "
                 "weights on the validation cases first")
         card["decision"] = decision_record(choice, {k: v for k, v in choice["evaluation"].items() if k != "weights_sha256"})
-        tmp = card_path.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(card, indent=2) + "\n")
-        os.replace(tmp, card_path)
+        write_card(card_path, card)
         args.reporter.info(f"recorded decision.normal_logit_offset = {choice['normal_logit_offset']:g} in {card_path}")
     args.reporter.done(out=str(args.evaluation / "calibration.json"), normal_logit_offset=choice["normal_logit_offset"])
     return 0

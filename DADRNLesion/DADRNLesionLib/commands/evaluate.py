@@ -115,9 +115,8 @@ def _record(weights, name: str, result, args, liver: str = "unrecorded", methods
             source: dict | None = None) -> None:
     """Write the evaluation into the card next to `weights` (the card's sha256 covers the weights only)."""
     import json
-    import os
 
-    from ..weights import DEMO_WEIGHTS, card_path_for
+    from ..weights import DEMO_WEIGHTS, card_path_for, write_card
 
     card_path = card_path_for(weights if weights is not None else DEMO_WEIGHTS)
     card = json.loads(card_path.read_text())
@@ -136,6 +135,4 @@ def _record(weights, name: str, result, args, liver: str = "unrecorded", methods
     if methods:
         entry["evaluated_on"]["liver_method"] = methods  # automatic masks: the figures hold for this method
     card.setdefault("metrics", {})[name] = entry
-    tmp = card_path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp, card_path)
+    write_card(card_path, card)
