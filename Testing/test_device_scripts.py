@@ -7,6 +7,7 @@ neither the real wheels nor a GPU.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,14 +106,22 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     with tarfile.open(out / "results.tgz") as tar:
         names = tar.getnames()
     assert "logs/session.txt" in names and "train/split.csv" in names
-    # A second session continues from those weights on new seeds and ends with the two compared on
-    # the same test split, slice by slice.
+    # A second session continues from those weights on new seeds, its generators going on while it
+    # trains (GROW), and ends with the two compared on the same test split, slice by slice.
     out2 = tmp_path / "out2"
-    env2 = {**env, "SEED0": "9101", "INIT": str(out / "best.safetensors"), "BUDGET_S": "90", "LIVER_SOURCE": "reference",
-            "WORK": str(tmp_path / "work2"), "OUT": str(out2)}
+    env2 = {**env, "SEED0": "9101", "INIT": str(out / "best.safetensors"), "BUDGET_S": "150", "LIVER_SOURCE": "reference",
+            "GROW": "1", "START_S": "10", "CHUNK": "3", "WORK": str(tmp_path / "work2"), "OUT": str(out2)}
+    env2.pop("DATA_S")
     run2 = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
     assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
     assert "starting weights on the same test split" in run2.stdout and "A = start" in run2.stdout
     with tarfile.open(out2 / "results.tgz") as tar:
         assert "train/compare/comparison.csv" in tar.getnames()
-    assert json.loads((out2 / "best.json").read_text())["training"]["initialised_from"]
+    card2 = json.loads((out2 / "best.json").read_text())
+    assert card2["training"]["initialised_from"]
+    # Sets finished while it trained joined its training split; the log names every set made.
+    assert "its training split growing from" in run2.stdout and "new caches" in run2.stdout
+    made = re.search(r"phantom seeds used: 9101-(\d+) \((\d+) sets\)", run2.stdout)
+    assert made and int(made.group(2)) > 2, run2.stdout[-3000:]
+    trained_on = [d["phantom_seed"] for d in card2["training"]["data"]["merged"] if "phantom_seed" in d]
+    assert len(trained_on) >= 2 and set(trained_on) <= set(range(9101, 9102 + int(made.group(2)) * 2))

@@ -274,3 +274,100 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
     assert summary["validation"]["slices"] == 18 and summary["validation"]["n"] == 20
     epoch = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))[-1]
     assert float(epoch["val_acc"]) == pytest.approx(summary["validation"]["accuracy"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# training data that grows while the run trains
+
+
+def _renamed(cache: D.SliceCache, prefix: str) -> D.SliceCache:
+    """The same toy cache under other case ids (another generator's set)."""
+    for c in cache.cases:
+        c["case_id"] = c["patient_id"] = prefix + c["case_id"]
+    cache.source = {"toy": prefix}
+    return cache
+
+
+def test_training_pool_gathers_the_slices_of_every_part_in_the_order_asked():
+    from DADRNLesionLib.growing import TrainingPool
+
+    a, b = toy_cache(seed=0), toy_cache(seed=1)
+    start = np.array([3, 7, 11, 20])
+    pool = TrainingPool(a, start)
+    pool.add(b)
+    assert len(pool) == 4 + len(b) and pool.parts == 2
+    idx = np.array([5, 0, len(pool) - 1, 2, 4])  # grown slices and starting ones, mixed
+    want = np.concatenate([a.images[start], b.images])[idx]
+    assert np.array_equal(pool.gather(idx), want)
+    assert np.array_equal(pool.labels[idx], np.concatenate([a.labels[start], b.labels])[idx])
+
+
+def test_caches_that_appear_during_training_join_the_training_split_and_nothing_else(tmp_path):
+    from DADRNLesionLib.growing import GrowSource
+
+    cache = toy_cache()
+    split = toy_split(cache)
+    grow_dir = tmp_path / "incoming"
+    _renamed(toy_cache(seed=1), "g1_").save(grow_dir / "set1")
+    (grow_dir / "half_written").mkdir()  # a generator still writing: no cache.json yet
+    np.save(grow_dir / "half_written" / "images.npy", np.zeros((1, 3, SIZE, SIZE), np.uint8))
+    _renamed(toy_cache(seed=2), "").save(grow_dir / "repeats")  # the starting cache's ids again
+    other = toy_cache(seed=3)
+    other.spec = InputSpec(size=SIZE, window_width=300.0)
+    _renamed(other, "w_").save(grow_dir / "other_window")
+    messages: list[str] = []
+
+    def log(message: str) -> None:
+        messages.append(message)
+        if message.startswith("epoch 1/"):  # a set finishes while the run trains
+            _renamed(toy_cache(seed=4), "g2_").save(grow_dir / "set2")
+
+    cfg = TrainConfig(epochs=2, batch_size=4, samples_per_epoch=8, augment=None, seed=3)
+    result = train(cache, split, TINY, cfg, tmp_path / "run", device="cpu", threads=1, log=log, progress_bar=False,
+                   evaluate_test=False, grow=GrowSource(grow_dir))
+    assert result.status == "completed"
+    text = "\n".join(messages)
+    assert "epoch 1: 1 new caches (10 cases)" in text and "epoch 2: 1 new caches (10 cases)" in text
+    assert "repeats left out: its cases c0_0, c0_1, c1_0 and 7 more are already in the run" in text
+    assert "other_window left out: its input spec" in text
+    assert "half_written" not in text  # not finished: neither taken nor refused, tried again next epoch
+    written = D.read_split(tmp_path / "run" / "split.csv")
+    assert sum(s == "train" for s in written.values()) == 5 + 20
+    assert all(written[f"g{k}_c{c}_{i}"] == "train" for k in (1, 2) for c in range(5) for i in (0, 1))
+    assert {k: v for k, v in written.items() if v != "train"} == {k: v for k, v in split.items() if v != "train"}
+    from DADRNLesionLib.weights import load_checkpoint
+
+    card = load_checkpoint(tmp_path / "run" / "best.safetensors").card
+    # The card names the data its weights trained on: set2 only if the best epoch came after it joined.
+    sets = [{"toy": 0}, {"toy": "g1_"}, {"toy": "g2_"}][: card.training["best_epoch"] + 1]
+    assert card.training["data"] == {"merged": sets} and card.training["grown"]["caches"] == len(sets) - 1
+    assert result.summary["grown"]["caches"] == 2 and result.summary["grown"]["cases"] == 20
+    assert result.summary["validation"]["slices"] == 20  # the starting cache's validation cases only
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["grown"] == ["set1", "set2"] and sorted(state["grow_refused"]) == ["other_window", "repeats"]
+
+
+def test_a_grown_run_resumes_on_the_same_caches_and_ends_where_an_uninterrupted_run_ends(tmp_path):
+    cache = toy_cache()
+    cache.save(tmp_path / "cache")
+    D.write_split(tmp_path / "split.csv", toy_split(cache))
+    grow_dir = tmp_path / "incoming"
+    _renamed(toy_cache(seed=1), "g1_").save(grow_dir / "set1")
+    common = ["train", "--cache", str(tmp_path / "cache"), "--split-file", str(tmp_path / "split.csv"), "--input-size", str(SIZE),
+              "--model", "dadrn50-b", "--backbone", "drn_d_22", "--width", "0.125", "--epochs", "2", "--batch-size", "4",
+              "--samples-per-epoch", "12", "--device", "cpu", "--threads", "1", "--quiet", "--seed", "5", "--no-test",
+              "--normal-per-case", "2"]
+    grow = ["--grow-from", str(grow_dir)]
+    assert _cli(common + grow + ["--out", str(tmp_path / "straight")]) == 0
+    assert _cli(common + grow + ["--out", str(tmp_path / "split_run"), "--max-steps", "4"]) == 0
+    assert _cli(common + ["--out", str(tmp_path / "split_run"), "--resume"]) == 2  # its data grew: the folder is needed
+    _renamed(toy_cache(seed=2), "g2_").save(grow_dir / "set2")  # arrives after the interruption, before epoch 3
+    assert _cli(common + grow + ["--out", str(tmp_path / "split_run"), "--resume"]) == 0
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "split_run" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 6 and a["grown"] == b["grown"] == ["set1"]  # mid-epoch: set2 waits for an epoch start
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # Normal slices of grown cases are thinned as the starting cache's: 2 per normal case.
+    card = json.loads((tmp_path / "straight" / "best.json").read_text())
+    assert card["training"]["grown"]["slices_by_class"]["normal"] == 2 * 2

@@ -18,14 +18,21 @@
 # scratch), LIVER_SOURCE (the liver mask the phantom slices are masked with: reference, the
 # generator's own; automatic, the mask `classify` makes, so that the model learns the masks it
 # meets in use; mixed, every other generator automatic; default reference; the cases painted into
-# real scans take the automatic mask unless it is reference). SimpleITK, slicerio and
+# real scans take the automatic mask unless it is reference), GROW (1: the generators go on while
+# the model trains and their sets join its training split between epochs, `train --grow-from`; the
+# run starts on the sets finished after START_S seconds, default 60, with the real cases, which
+# also give the validation and test splits; the generators stop starting sets that would end after
+# the training; default PROCS there: CPU count - 2, leaving cores to the training process).
+# SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
 # with scripts/pack_device_carry.sh).
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-/tmp/gpu-session}
 BUDGET_S=${BUDGET_S:-540}
-PROCS=${PROCS:-$(nproc)}
+GROW=${GROW:-0}
+START_S=${START_S:-60}
+if [ "$GROW" = 1 ]; then PROCS=${PROCS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}; else PROCS=${PROCS:-$(nproc)}; fi
 CASES_PER_PROC=${CASES_PER_PROC:-60}
 SEED0=${SEED0:-101}
 SIZE=${SIZE:-224}
@@ -43,6 +50,7 @@ INIT=${INIT:-}
 LIVER_SOURCE=${LIVER_SOURCE:-reference}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
+rm -f "$WORK/stop_generators"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$WORK/logs/session.txt"; }
 
@@ -72,13 +80,22 @@ if [ "$TRAIN" != 1 ]; then log "done"; exit 0; fi
 # One thread per generator: PROCS processes with torch's default of one thread per core each
 # would oversubscribe the cores PROCS times over (on 2 cores, 2 generators: 8-15 % faster so).
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+# With GROW the sets are written into stream/, which training watches; else into cache/.
+SET_DIR=$([ "$GROW" = 1 ] && echo "$WORK/stream" || echo "$WORK/cache")
+RESERVE_S=$([ -n "$INIT" ] && echo 90 || echo 60)  # after training: the test evaluation and packing
 phantom_set() {  # seed cases liver-source
-  "${DADRN[@]}" dataset cache --phantoms "$2" --phantom-seed "$1" --cache "$WORK/cache/p$1" --liver-source "$3" \
+  "${DADRN[@]}" dataset cache --phantoms "$2" --phantom-seed "$1" --cache "$SET_DIR/p$1" --liver-source "$3" \
       --input-size "$SIZE" --quiet >>"$WORK/logs/data_p$1.txt" 2>&1
 }
 liver_source_of() {  # generator index
   case "$LIVER_SOURCE" in mixed) [ $(($1 % 2)) = 1 ] && echo automatic || echo reference ;; *) echo "$LIVER_SOURCE" ;; esac
 }
+if [ "$GROW" = 1 ]; then
+  CHUNK=${CHUNK:-10}
+  DATA_END=$(( T0 + BUDGET_S - RESERVE_S - 15 ))  # the training's end, less the last epoch or so
+  DATA_S=$(( DATA_END - $(date +%s) ))
+  [ "$DATA_S" -ge 1 ] || DATA_S=1  # a budget this short still gets one set per generator to start on
+fi
 if [ -n "${DATA_S:-}" ]; then
   CHUNK=${CHUNK:-10}
   DATA_END=$(( $(date +%s) + DATA_S ))
@@ -86,7 +103,7 @@ if [ -n "${DATA_S:-}" ]; then
   for i in $(seq 0 $((PROCS - 1))); do
     # A set starts only if one as long as this generator's last still ends by the deadline (a set of
     # ten with automatic masks takes over a minute: checking the start alone overran DATA_S by 73 s).
-    ( r=0; last=0; while [ $(( $(date +%s) + last )) -le "$DATA_END" ]; do
+    ( r=0; last=0; while [ $(( $(date +%s) + last )) -le "$DATA_END" ] && [ ! -f "$WORK/stop_generators" ]; do
         t=$(date +%s); phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK" "$(liver_source_of $i)"; last=$(( $(date +%s) - t )); r=$((r + 1))
       done ) &
   done
@@ -102,12 +119,29 @@ if [ -n "$REAL" ] && [ -d "$REAL" ] && [ ! -f "$WORK/cache/all/cache.json" ]; th
   "${DADRN[@]}" dataset cache --phantoms 0 --phantom-seed "$REAL_SEED" --real-background "$REAL" --real-rounds "$REAL_ROUNDS" \
       --liver-source "$([ "$LIVER_SOURCE" = reference ] && echo reference || echo automatic)" \
       --real-holdout $REAL_HOLDOUT --cache "$WORK/cache/real" --input-size "$SIZE" --quiet >"$WORK/logs/data_real.txt" 2>&1 &
+  REAL_PID=$!
 fi
-wait
+if [ "$GROW" = 1 ]; then
+  # Start on what is there after START_S (and the real cases, which hold the held-out scan's test
+  # cases): those sets move from stream/ into cache/; the generators go on writing into stream/.
+  sleep "$(( START_S > 0 ? START_S : 0 ))"
+  [ -n "${REAL_PID:-}" ] && wait "$REAL_PID"
+  until ls "$SET_DIR"/p*/cache.json >/dev/null 2>&1 || [ "$(left)" -le "$RESERVE_S" ]; do sleep 2; done
+  mkdir -p "$WORK/cache"
+  for d in "$SET_DIR"/p[0-9]*; do [ -f "$d/cache.json" ] && mv "$d" "$WORK/cache/"; done
+else
+  wait
+fi
 parts=()
 for d in "$WORK"/cache/p[0-9]*; do [ -f "$d/cache.json" ] && parts+=("$d"); done
-seeds=$(for d in "${parts[@]}"; do b=$(basename "$d"); [ "${b#p}" != "$b" ] && echo "${b#p}"; done | sort -n)
-[ -n "$seeds" ] && log "phantom seeds used: $(echo "$seeds" | head -1)-$(echo "$seeds" | tail -1) ($(echo "$seeds" | wc -l) sets); the next session's SEED0 must lie above"
+START_SEEDS=$(for d in "${parts[@]}"; do basename "$d"; done | sed 's/^p//')
+log_seeds() {  # every phantom set finished: merged at the start, and (GROW) written into stream/ since
+  local s
+  s=$( { echo "$START_SEEDS"; for d in "$WORK"/stream/p[0-9]*; do [ -f "$d/cache.json" ] && basename "$d" | sed 's/^p//'; done; } \
+      | grep -v '^$' | sort -n)
+  [ -n "$s" ] && log "phantom seeds used: $(echo "$s" | head -1)-$(echo "$s" | tail -1) ($(echo "$s" | wc -l) sets); the next session's SEED0 must lie above"
+}
+[ "$GROW" = 1 ] || log_seeds
 [ -f "$WORK/cache/real/cache.json" ] && parts+=("$WORK/cache/real")
 # A warm machine keeps the last run's merged cache: its cases join this run's.
 [ -f "$WORK/cache/all/cache.json" ] && mv "$WORK/cache/all" "$WORK/cache/previous" && parts+=("$WORK/cache/previous")
@@ -121,9 +155,9 @@ rm -rf "${parts[@]}"
 #    decision rule is chosen on the validation split, --calibrate), keeping
 #    60 s for the test evaluation and packing (90 s with INIT, whose weights are scored on the same
 #    test split); the time limit fits the epochs and the schedule.
-RESERVE_S=$([ -n "$INIT" ] && echo 90 || echo 60)
 MINUTES=$(python3 -c "print(max(0.5, ($(left) - $RESERVE_S) / 60))")
-log "training for at most $MINUTES min"
+GROW_FROM=$([ "$GROW" = 1 ] && echo "$SET_DIR" || true)
+log "training for at most $MINUTES min${GROW_FROM:+, its training split growing from $GROW_FROM}"
 SOURCES="synthetic phantoms"
 grep -q '"real_background": "\|"real": "' "$WORK/cache/all/cache.json" 2>/dev/null && SOURCES="synthetic phantoms and on synthetic lesions painted into public CT scans"
 INTENDED="Demonstration of the DADRNLesion software only; trained on $SOURCES; not for diagnosis or any clinical use."
@@ -131,9 +165,18 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on $SOURCES; n
     --model dadrn50-a --backbone drn_d_22 --width "$WIDTH" --dropout 0.1 --batch-size "$BATCH" --lr "$LR" \
     --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \
     --time-limit "$MINUTES" --calibrate --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
-    ${INIT:+--init-weights "$INIT"} --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
+    ${INIT:+--init-weights "$INIT"} ${GROW_FROM:+--grow-from "$GROW_FROM"} --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
 TRAIN_RC=$?
 log "training exit $TRAIN_RC"
+if [ "$GROW" = 1 ]; then
+  # Generators still at work make data nobody will train on: stop them, then name every set made.
+  touch "$WORK/stop_generators"  # no generator starts another set; the sets under way are stopped
+  command -v pkill >/dev/null && for pid in $(jobs -p); do pkill -P "$pid" 2>/dev/null; done
+  wait 2>/dev/null
+  rm -f "$WORK/stop_generators"
+  log_seeds
+  grep -E "new caches|left out" "$WORK/logs/train.txt" | tail -3
+fi
 grep -E "^epoch " "$WORK/logs/train.txt" | tail -4; tail -22 "$WORK/logs/train.txt"
 # The starting weights on the same test split: whether this run improved on them.
 if [ -n "$INIT" ] && [ -f "$WORK/train/split.csv" ]; then

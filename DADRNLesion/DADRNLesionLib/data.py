@@ -608,7 +608,11 @@ class SliceCache:
             "source": self.source,
             "n": len(self),
         }
-        (folder / "cache.json").write_text(json.dumps(meta, indent=1))
+        # Last and atomic: a finished cache is one with a cache.json (a run growing its training
+        # data from a folder of caches reads them while generators are still writing others).
+        tmp_meta = folder / "cache.json.partial"
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp_meta, folder / "cache.json")
         return folder
 
     @classmethod

@@ -19,6 +19,8 @@ What a run does, and why:
 * ``checkpoint.pt`` (plain tensors and numbers, loaded with ``weights_only=True``) after every
   epoch and when a step limit stops the run: `resume=True` continues at the same step, and the
   per-batch seeds make a resumed run draw the same batches and augmentations.
+* Training data may grow while the run trains (`grow`, `growing.py`): finished caches that appear
+  in a folder join the training split at the next epoch's start; validation and test do not change.
 * Under torchrun each process trains on its shard of every epoch's draw (``--batch-size`` is per
   process); validation is sharded and summed, so all ranks take the same early-stopping decision.
 Outputs: ``metrics.csv`` (one row per epoch), ``curves.png``, ``summary.json``, ``split.csv``.
@@ -46,6 +48,7 @@ from .classes import CLASS_NAMES
 from .data import SPLITS, SliceCache, write_split
 from .distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup, teardown
 from .errors import UserInputError
+from .growing import GrowSource, TrainingPool, grown_record, load_grown, ready_caches
 from .metrics import classification_summary
 from .model import LesionClassifier, ModelConfig, build_model
 from .weights import ModelCard, save_checkpoint
@@ -245,14 +248,23 @@ def _param_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _to_batch(cache: SliceCache, idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    order = np.argsort(idx, kind="stable")  # sorted reads are kinder to a memory-mapped cache
-    imgs = np.asarray(cache.images[idx[order]])
-    x = torch.from_numpy(imgs)
-    inv = torch.from_numpy(np.argsort(order))
-    x = x[inv].to(device, non_blocking=True).float().div_(255.0)
-    y = torch.from_numpy(cache.labels[idx]).to(device)
+def _to_batch(source: Union[SliceCache, TrainingPool], idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(source, TrainingPool):
+        imgs = source.gather(idx)
+    else:
+        order = np.argsort(idx, kind="stable")  # sorted reads are kinder to a memory-mapped cache
+        imgs = np.empty((idx.size,) + tuple(source.images.shape[1:]), dtype=np.uint8)
+        imgs[order] = np.asarray(source.images[idx[order]])
+    x = torch.from_numpy(imgs).to(device, non_blocking=True).float().div_(255.0)
+    y = torch.from_numpy(source.labels[idx]).to(device)
     return x, y
+
+
+def _loss_weight(counts: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Inverse class frequency, normalised over the classes present (`balance="loss"`)."""
+    counts = counts.astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
+    return torch.tensor(w, dtype=torch.float32, device=device)
 
 
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
@@ -399,6 +411,11 @@ def _case_counts(cache: SliceCache, split: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def _with_grown(split: dict[str, str], grown: list[tuple[str, SliceCache]]) -> dict[str, str]:
+    """The run's split: the starting one, and every grown case in training."""
+    return {**split, **{c["case_id"]: "train" for _, part in grown for c in part.cases}}
+
+
 def _provenance(init_from: Any) -> dict[str, Any]:
     """What a fine-tuned model started from, so that its card tells its whole training."""
     card = init_from.card
@@ -434,9 +451,12 @@ def train(
     test_cache: Optional[SliceCache] = None,
     log: Optional[Callable[[str], None]] = None,
     progress_bar: bool = True,
+    grow: Optional[GrowSource] = None,
 ) -> TrainResult:
     """Train `model_config` on the cache's train split, validate on val, test the best on test
     (on `test_cache` when given, e.g. the cache before its normal slices were thinned).
+
+    `grow` adds the caches that appear in its folder to the training split at each epoch's start.
 
     `init_from` (a `weights.LoadedModel` of the same architecture) starts from trained weights
     instead of a random initialisation: fine-tuning, e.g. the demo model on a hospital's data."""
@@ -479,11 +499,13 @@ def train(
         )
         scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-        counts = cache.class_counts(train_idx).astype(np.float64)
-        weight = None
-        if cfg.balance == "loss":
-            w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / max(1, (counts > 0).sum()), 0.0)
-            weight = torch.tensor(w, dtype=torch.float32, device=dev)
+        pool = TrainingPool(cache, train_idx)
+        grown: list[tuple[str, SliceCache]] = []
+        known_ids = {c["case_id"] for c in cache.cases} | {c["case_id"] for c in test_cache.cases}
+        weight = _loss_weight(pool.class_counts(), dev) if cfg.balance == "loss" else None
+        if grow is not None:
+            say(f"training data grows from {grow.folder}: finished caches there join the training split at each epoch's start"
+                + ("" if Path(grow.folder).is_dir() else " (the folder does not exist yet)"))
 
         per_epoch = cfg.samples_per_epoch or int(train_idx.size)
         global_batch = cfg.batch_size * env.world_size
@@ -493,7 +515,8 @@ def train(
                                  "world_size": env.world_size, "split": sorted(split.items())}, sort_keys=True)
 
         state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [],
-                                 "seconds": 0.0, "epochs": cfg.epochs}
+                                 "seconds": 0.0, "epochs": cfg.epochs, "grown": [], "grow_refused": [],
+                                 "best_grown": 0}
         best_state: Optional[dict[str, torch.Tensor]] = None
         ckpt_path = out / CHECKPOINT
         if resume:
@@ -514,12 +537,21 @@ def train(
             state["history"] = [dict(h) for h in saved["history"]]
             best_state = saved.get("best_model") or None
             state["epochs"] = cfg.epochs  # a resumed run aims at the epochs its own command asks for
+            if state["grown"]:
+                if grow is None:
+                    raise UserInputError(f"cannot resume {out} without --grow-from: its training split grew from "
+                                         f"{len(state['grown'])} caches of a folder; give that folder again")
+                # The same caches in the same order: the pool, and so every draw, is as it was.
+                accepted, _ = load_grown(grow, state["grown"], cache, known_ids, say, strict=True)
+                for _, part in accepted:
+                    pool.add(part)
+                grown.extend(accepted)
             say(f"resuming {out} at epoch {state['epoch'] + 1}, step {state['step']}")
         elif env.is_main:
             out.mkdir(parents=True, exist_ok=True)
         barrier(env)
         if env.is_main:
-            write_split(out / "split.csv", split)
+            write_split(out / "split.csv", _with_grown(split, grown))
             (out / "train_config.json").write_text(json.dumps(
                 {"model": model_config.to_dict(), "input": spec.to_dict(), "train": cfg.to_dict(), "world_size": env.world_size,
                  "description": description or {}}, indent=2))
@@ -537,6 +569,36 @@ def train(
             return seconds_before + time.perf_counter() - t_start
         sign = 1.0 if MONITORS[cfg.monitor] == "max" else -1.0
 
+        def training_data(upto: Optional[int] = None) -> dict[str, Any]:
+            """The data the weights trained on: the starting cache and the first `upto` grown caches
+            (the best epoch's weights never saw the caches that came later)."""
+            seen = grown[: len(grown) if upto is None else upto]
+            if not seen:
+                return {"data": cache.source}
+            start = cache.source["merged"] if set(cache.source) == {"merged"} else [cache.source]
+            return {"data": {"merged": [*start, *(part.source for _, part in seen)]},
+                    "grown": grown_record(grow, [n for n, _ in seen], [part for _, part in seen])}
+
+        def grow_pool() -> None:
+            """At an epoch's start: the finished caches that have appeared since join the training split."""
+            nonlocal weight
+            names = broadcast_object(ready_caches(grow, [*state["grown"], *state["grow_refused"]]) if env.is_main else None, env)
+            if not names:
+                return
+            accepted, refused = load_grown(grow, names, cache, known_ids, say)
+            state["grow_refused"].extend(refused)
+            for name, part in accepted:
+                pool.add(part)
+                state["grown"].append(name)
+            grown.extend(accepted)
+            if accepted:
+                if cfg.balance == "loss":
+                    weight = _loss_weight(pool.class_counts(), dev)
+                if env.is_main:
+                    write_split(out / "split.csv", _with_grown(split, grown))
+                say(f"epoch {state['epoch'] + 1}: {len(accepted)} new caches ({sum(len(p.cases) for _, p in accepted)} cases) "
+                    f"from {grow.folder}; {len(pool)} training slices in {len(grown)} grown caches and the starting one")
+
         def make_card(metrics: dict[str, Any]) -> ModelCard:
             return ModelCard(
                 model_id=model_id,
@@ -544,7 +606,7 @@ def train(
                 input=spec,
                 intended_use=intended_use,
                 training={
-                    "data": cache.source,
+                    **training_data(state["best_grown"]),
                     "slice_rule": cache.rule.to_dict(),
                     "split": _case_counts(cache, split),
                     "config": cfg.to_dict(),
@@ -571,7 +633,8 @@ def train(
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "best_model": best_state or {},
                 "config_key": config_key,
-                **{k: state[k] for k in ("epoch", "batch", "step", "best", "best_epoch", "bad_epochs", "history", "epochs")},
+                **{k: state[k] for k in ("epoch", "batch", "step", "best", "best_epoch", "bad_epochs", "history", "epochs",
+                                         "grown", "grow_refused", "best_grown")},
                 "seconds": elapsed(),
             })
 
@@ -594,19 +657,22 @@ def train(
             total_steps = fit_to_time_limit(total_steps)  # a resumed run may have used its time already
         while state["epoch"] < state["epochs"] and not stop:
             epoch = state["epoch"]
+            t_epoch = time.perf_counter()  # reading grown caches counts: the time limit judges by these seconds
+            if grow is not None and state["batch"] == 0:  # mid-epoch (resumed) the pool stays as the epoch began
+                grow_pool()
             rng = np.random.default_rng(_seed_for(cfg.seed, 0xE90C, epoch))
             n_draw = steps_per_epoch * global_batch
+            positions = np.arange(len(pool), dtype=np.int64)
             if cfg.balance == "sampler":
-                order = balanced_order(train_idx, cache.labels, n_draw, rng)
+                order = balanced_order(positions, pool.labels, n_draw, rng)
             else:
-                reps = int(math.ceil(n_draw / train_idx.size))
-                order = np.concatenate([rng.permutation(train_idx) for _ in range(reps)])[:n_draw]
+                reps = int(math.ceil(n_draw / positions.size))
+                order = np.concatenate([rng.permutation(positions) for _ in range(reps)])[:n_draw]
             mine = order[env.rank :: env.world_size]
             model.train()
             loss_sum = torch.zeros(1, dtype=torch.float64, device=dev)
             correct = torch.zeros(1, dtype=torch.float64, device=dev)
             seen = torch.zeros(1, dtype=torch.float64, device=dev)
-            t_epoch = time.perf_counter()
             bar = None
             if env.is_main and progress_bar:
                 from tqdm import tqdm
@@ -619,7 +685,7 @@ def train(
                     state["batch"] = b
                     break
                 idx = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                x, y = _to_batch(cache, idx, dev)
+                x, y = _to_batch(pool, idx, dev)
                 seed = _seed_for(cfg.seed, epoch, b, env.rank)
                 torch.manual_seed(seed)  # dropout
                 if cfg.augment is not None:
@@ -677,6 +743,7 @@ def train(
             state["batch"] = 0
             if improved:
                 state["best"], state["best_epoch"], state["bad_epochs"] = float(value), epoch, 0
+                state["best_grown"] = len(state["grown"])
                 best_state = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
                 if env.is_main:
                     save_checkpoint(_unwrap(model), out / "best.safetensors", make_card({"validation": _short(val)}))
@@ -711,6 +778,7 @@ def train(
             "best_epoch": state["best_epoch"] + 1,
             "best": {cfg.monitor: state["best"]},
             "seconds": round(elapsed(), 1),
+            **({"grown": training_data()["grown"]} if grown else {}),
             "distributed": {
                 "world_size": env.world_size,
                 "backend": env.backend or None,

@@ -64,6 +64,11 @@ def add_parser(subparsers) -> None:
                         "included): after each epoch the epochs still to come are cut to those that fit, judged by the "
                         "slowest recent epoch, and the learning-rate schedule is fitted to them; the test follows")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
+    t.add_argument("--grow-from", type=Path, metavar="DIR",
+                   help="training data that grows while the run trains: at each epoch's start, every finished cache in a "
+                        "sub-folder of DIR (as `dataset cache --cache DIR/NAME` writes them, e.g. from phantom generators "
+                        "still running) joins the training split, its normal slices thinned as --normal-per-case; "
+                        "validation and test stay those of --cache/--data. Under torchrun DIR must be visible to every process")
     r = p.add_argument_group("run")
     r.add_argument("--out", required=True, type=Path, metavar="DIR")
     r.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
@@ -112,6 +117,7 @@ def model_config_from(args):
 
 
 def run(args) -> int:
+    from ..growing import GrowSource
     from ..train import AugmentConfig, TrainConfig, train
 
     rank = int(os.environ.get("RANK", "0"))
@@ -152,6 +158,7 @@ def run(args) -> int:
         cache, split, config, cfg, out, device=args.device, threads=args.threads, resume=args.resume,
         init_from=init_from, model_id=args.model_id, intended_use=args.intended_use, description=description,
         evaluate_test=not args.no_test, test_cache=full, log=log, progress_bar=not args.quiet and args.progress_format == "text",
+        grow=GrowSource(args.grow_from, args.normal_per_case) if args.grow_from else None,
     )
     if rank == 0:
         reporter.done(out=str(out), status=result.status, best_epoch=result.best_epoch, steps=result.steps,
