@@ -64,6 +64,14 @@ def toy_split(cache: D.SliceCache) -> dict[str, str]:
     return {c["case_id"]: ("train" if c["case_id"].endswith("_0") else "val") for c in cache.cases}
 
 
+def _renamed(cache: D.SliceCache, prefix: str) -> D.SliceCache:
+    """The same toy cache under other case ids (another generator's set)."""
+    for c in cache.cases:
+        c["case_id"] = c["patient_id"] = prefix + c["case_id"]
+    cache.source = {"toy": prefix}
+    return cache
+
+
 def quiet(_message: str) -> None:
     pass
 
@@ -254,12 +262,14 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
     cache = toy_cache()
     cache.save(tmp_path / "cache")
     D.write_split(tmp_path / "split.csv", toy_split(cache))
+    _renamed(toy_cache(seed=1), "g1_").save(tmp_path / "incoming" / "set1")  # both ranks take it in
     env = {**os.environ, "PYTHONPATH": str(REPO / "DADRNLesion") + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "DADRNLesionLib",
            "train", "--cache", str(tmp_path / "cache"), "--split-file", str(tmp_path / "split.csv"), "--input-size", str(SIZE),
            "--backbone", "drn_d_22", "--width", "0.125", "--epochs", "1", "--batch-size", "4", "--samples-per-epoch", "24",
-           "--normal-per-case", "2", "--device", "cpu", "--threads", "1", "--no-test", "--quiet", "--out", str(tmp_path / "ddp")]
+           "--normal-per-case", "2", "--device", "cpu", "--threads", "1", "--no-test", "--quiet", "--out", str(tmp_path / "ddp"),
+           "--grow-from", str(tmp_path / "incoming")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -268,6 +278,7 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
     assert sorted(r["rank"] for r in dist["ranks"]) == [0, 1]
     assert all(r["steps"] == 3 for r in dist["ranks"])  # 24 slices / (2 processes x 4)
     assert dist["in_sync"] and len({r["params"] for r in dist["ranks"]}) == 1
+    assert summary["grown"]["caches"] == 1 and summary["grown"]["cases"] == 10
     assert (tmp_path / "ddp" / "best.safetensors").is_file()
     # Validation sharded over the ranks and weighted to every slice sums to what one process computes:
     # 18 slices kept (2 of the normal case's 4), counted as the 20 they stand for.
@@ -278,14 +289,6 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 # training data that grows while the run trains
-
-
-def _renamed(cache: D.SliceCache, prefix: str) -> D.SliceCache:
-    """The same toy cache under other case ids (another generator's set)."""
-    for c in cache.cases:
-        c["case_id"] = c["patient_id"] = prefix + c["case_id"]
-    cache.source = {"toy": prefix}
-    return cache
 
 
 def test_training_pool_gathers_the_slices_of_every_part_in_the_order_asked():

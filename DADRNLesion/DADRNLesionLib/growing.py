@@ -14,7 +14,6 @@ in validation or test, so it cannot leak into them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -114,7 +113,7 @@ def load_grown(
         path = Path(source.folder) / name
         try:
             cache = SliceCache.load(path)
-        except (UserInputError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (UserInputError, OSError, ValueError, KeyError) as exc:  # a JSON error is a ValueError
             if strict:
                 raise UserInputError(f"cannot resume: the grown cache {path} it trained on cannot be read ({exc}); "
                                      "restore it or start again without --resume") from None
