@@ -364,6 +364,7 @@ def test_a_grown_run_resumes_on_the_same_caches_and_ends_where_an_uninterrupted_
     assert _cli(common + grow + ["--out", str(tmp_path / "straight")]) == 0
     assert _cli(common + grow + ["--out", str(tmp_path / "split_run"), "--max-steps", "4"]) == 0
     assert _cli(common + ["--out", str(tmp_path / "split_run"), "--resume"]) == 2  # its data grew: the folder is needed
+    assert _cli(common + ["--out", str(tmp_path / "split_run"), "--resume", "--grow-from", str(tmp_path / "split.csv")]) == 2
     _renamed(toy_cache(seed=2), "g2_").save(grow_dir / "set2")  # arrives after the interruption, before epoch 3
     assert _cli(common + grow + ["--out", str(tmp_path / "split_run"), "--resume"]) == 0
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)

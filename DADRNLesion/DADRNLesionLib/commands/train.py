@@ -137,6 +137,9 @@ def run(args) -> int:
         validation_weights=args.validation_weights.replace("-", "_"), min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
         time_limit_s=None if args.time_limit is None else args.time_limit * 60.0, calibrate=args.calibrate,
     )
+    if args.grow_from is not None and args.grow_from.exists() and not args.grow_from.is_dir():
+        raise UserInputError(f"--grow-from {args.grow_from} is a file: give the folder the caches are written into "
+                             "(each in a sub-folder of its own)")
     init_from = _init_weights(args.init_weights, config) if args.init_weights and not args.resume else None
     full = _cache_for_rank(args, spec, reporter, rank)
     # Train and validate on thinned normal slices if asked; test on every labelled slice.
