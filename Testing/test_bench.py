@@ -55,7 +55,10 @@ def test_end_to_end_stages_add_up(tiny, tmp_path):
     stages = out["stages_s"]
     assert set(stages) == {"read", "liver_mask", "preprocess", "model_cam", "postprocess", "write"}
     assert sum(stages.values()) <= out["end_to_end_s"] + 0.01
-    assert out["non_network_fraction"] == pytest.approx(1 - stages["model_cam"] / out["end_to_end_s"], abs=0.01)
+    # stages_s are rounded to the millisecond: on a run this short that alone moves the ratio by
+    # up to 0.0005 s / end_to_end_s
+    rounding = 0.0005 / out["end_to_end_s"] + 1e-9
+    assert out["non_network_fraction"] == pytest.approx(1 - stages["model_cam"] / out["end_to_end_s"], abs=rounding)
     assert out["liver_slices"] == 8 and (tmp_path / "o" / "report.json").is_file()
 
 

@@ -110,7 +110,7 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     # trains (GROW), and ends with the two compared on the same test split, slice by slice.
     out2 = tmp_path / "out2"
     env2 = {**env, "SEED0": "9101", "INIT": str(out / "best.safetensors"), "BUDGET_S": "150", "LIVER_SOURCE": "reference",
-            "GROW": "1", "START_S": "10", "CHUNK": "3", "WORK": str(tmp_path / "work2"), "OUT": str(out2)}
+            "GROW": "1", "START_S": "1", "CHUNK": "5", "WORK": str(tmp_path / "work2"), "OUT": str(out2)}
     env2.pop("DATA_S")
     run2 = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
     assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]

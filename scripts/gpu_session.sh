@@ -20,8 +20,8 @@
 # meets in use; mixed, every other generator automatic; default reference; the cases painted into
 # real scans take the automatic mask unless it is reference), GROW (1: the generators go on while
 # the model trains and their sets join its training split between epochs, `train --grow-from`; the
-# run starts on the sets finished after START_S seconds, default 60, with the real cases, which
-# also give the validation and test splits; the generators stop starting sets that would end after
+# run starts on the sets finished after START_S seconds, default 60, and at least START_SETS of
+# them, default PROCS, with the real cases, which also give the validation and test splits; the generators stop starting sets that would end after
 # the training; default PROCS there: CPU count - 2, leaving cores to the training process).
 # SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
@@ -126,7 +126,9 @@ if [ "$GROW" = 1 ]; then
   # cases): those sets move from stream/ into cache/; the generators go on writing into stream/.
   sleep "$(( START_S > 0 ? START_S : 0 ))"
   [ -n "${REAL_PID:-}" ] && wait "$REAL_PID"
-  until ls "$SET_DIR"/p*/cache.json >/dev/null 2>&1 || [ "$(left)" -le "$RESERVE_S" ]; do sleep 2; done
+  # ... and at least START_SETS sets (default: one per generator, so both liver masks of `mixed`).
+  finished() { ls "$SET_DIR"/p*/cache.json 2>/dev/null | wc -l; }
+  until [ "$(finished)" -ge "${START_SETS:-$PROCS}" ] || [ "$(left)" -le "$RESERVE_S" ]; do sleep 2; done
   mkdir -p "$WORK/cache"
   for d in "$SET_DIR"/p[0-9]*; do [ -f "$d/cache.json" ] && mv "$d" "$WORK/cache/"; done
 else

@@ -3,7 +3,7 @@ training split between epochs.
 
 On a lent GPU machine the phantom generators, not the GPU, set the pace (docs/training.md,
 "Data, not steps"): waiting for every case before training leaves the GPU idle for most of the
-session and then shows it a fixed set dozens of times. With a growing set the generators keep
+session and then shows it a fixed set many times over. With a growing set the generators keep
 writing caches (`dataset cache --phantoms N --cache DIR/NAME`, one folder per set) while the model
 trains on what has arrived, so later epochs see cases no earlier epoch saw.
 
