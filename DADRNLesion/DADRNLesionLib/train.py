@@ -809,6 +809,11 @@ def train(
             summary["validation"] = metrics["validation"]
         if env.is_main:
             (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        # The other ranks wait for rank 0's test and card, so that all destroy the process group
+        # together (`teardown`): a gloo rank that tore down while its peer was still at work aborted
+        # once in a while ("terminate called without an active exception"). Not on the failure
+        # path, where a rank that raised would leave the others waiting here.
+        barrier(env)
         return TrainResult(out, best_path, status, state["epoch"], state["step"], state["best_epoch"] + 1, state["best"],
                            state["history"], summary["seconds"], summary)
     finally:
