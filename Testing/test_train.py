@@ -1,4 +1,5 @@
-"""Training: loss goes down, resume continues exactly, early stopping stops, DDP keeps ranks in sync.
+"""Training: loss goes down, resume continues exactly, early stopping stops, DDP keeps ranks in sync,
+training data grows between epochs.
 
 Everything runs a tiny model (DRN-D-22 at width 1/8, 32x32 inputs) for a handful of steps.
 """
