@@ -302,7 +302,7 @@ def test_training_pool_gathers_the_slices_of_every_part_in_the_order_asked():
     assert len(pool) == 4 + len(b) and pool.parts == 2
     idx = np.array([5, 0, len(pool) - 1, 2, 4])  # grown slices and starting ones, mixed
     want = np.concatenate([a.images[start], b.images])[idx]
-    assert np.array_equal(pool.gather(idx), want)
+    assert np.array_equal(pool.read_images(idx), want)
     assert np.array_equal(pool.labels[idx], np.concatenate([a.labels[start], b.labels])[idx])
 
 

@@ -155,9 +155,7 @@ def _boxes(cache: SliceCache, idx: np.ndarray) -> torch.Tensor:
 
 
 def _images(cache: SliceCache, idx: np.ndarray, device: torch.device) -> torch.Tensor:
-    order = np.argsort(idx, kind="stable")  # sorted reads suit a memory-mapped cache
-    x = torch.from_numpy(np.asarray(cache.images[idx[order]]))[torch.from_numpy(np.argsort(order))]
-    return x.to(device).float().div_(255.0)
+    return torch.from_numpy(cache.read_images(idx)).to(device).float().div_(255.0)
 
 
 @torch.no_grad()

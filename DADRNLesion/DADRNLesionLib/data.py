@@ -564,6 +564,15 @@ class SliceCache:
         keep = np.array([c["case_id"] in wanted for c in self.cases], dtype=bool)
         return np.flatnonzero(keep[self.case]) if len(self.cases) else np.zeros(0, np.int64)
 
+    def read_images(self, idx: np.ndarray) -> np.ndarray:
+        """The uint8 images of samples `idx`, in the order given, read in sorted order (which a
+        memory-mapped cache reads fastest)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        order = np.argsort(idx, kind="stable")
+        out = np.empty((idx.size,) + tuple(self.images.shape[1:]), dtype=np.uint8)
+        out[order] = np.asarray(self.images[idx[order]])
+        return out
+
     def class_counts(self, indices: Optional[np.ndarray] = None) -> np.ndarray:
         labels = self.labels if indices is None else self.labels[indices]
         return np.bincount(labels, minlength=len(CLASS_NAMES))

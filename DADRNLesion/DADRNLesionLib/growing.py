@@ -39,8 +39,7 @@ class TrainingPool:
     """The training slices: the starting cache's training split, then every grown cache whole.
 
     Indices into the pool are positions in `labels`. The caches stay separate (no copy of the
-    starting cache each time one joins); a batch is gathered from each part in sorted order,
-    which a memory-mapped cache reads fastest.
+    starting cache each time one joins); a batch is read from each part with `read_images`.
     """
 
     def __init__(self, cache: SliceCache, indices: np.ndarray) -> None:
@@ -65,8 +64,9 @@ class TrainingPool:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(CLASS_NAMES))
 
-    def gather(self, idx: np.ndarray) -> np.ndarray:
-        """The uint8 images (n, 3, S, S) of pool positions `idx`, in the order given."""
+    def read_images(self, idx: np.ndarray) -> np.ndarray:
+        """The uint8 images (n, 3, S, S) of pool positions `idx`, in the order given (as
+        `SliceCache.read_images`)."""
         idx = np.asarray(idx, dtype=np.int64)
         part_of = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
         first = self._parts[0][0]
@@ -74,9 +74,7 @@ class TrainingPool:
         for p in np.unique(part_of):
             cache, local = self._parts[int(p)]
             where = np.flatnonzero(part_of == p)
-            rows = local[idx[where] - self._starts[int(p)]]
-            order = np.argsort(rows, kind="stable")
-            out[where[order]] = np.asarray(cache.images[rows[order]])
+            out[where] = cache.read_images(local[idx[where] - self._starts[int(p)]])
         return out
 
 

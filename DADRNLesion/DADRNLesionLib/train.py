@@ -249,13 +249,7 @@ def _param_digest(model: torch.nn.Module) -> str:
 
 
 def _to_batch(source: Union[SliceCache, TrainingPool], idx: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if isinstance(source, TrainingPool):
-        imgs = source.gather(idx)
-    else:
-        order = np.argsort(idx, kind="stable")  # sorted reads are kinder to a memory-mapped cache
-        imgs = np.empty((idx.size,) + tuple(source.images.shape[1:]), dtype=np.uint8)
-        imgs[order] = np.asarray(source.images[idx[order]])
-    x = torch.from_numpy(imgs).to(device, non_blocking=True).float().div_(255.0)
+    x = torch.from_numpy(source.read_images(idx)).to(device, non_blocking=True).float().div_(255.0)
     y = torch.from_numpy(source.labels[idx]).to(device)
     return x, y
 

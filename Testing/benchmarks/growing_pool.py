@@ -84,21 +84,19 @@ def main(argv=None) -> int:
     pool = TrainingPool(parts[0], np.arange(args.slices))
     for p in parts[1:]:
         pool.add(p)
-    merged = np.concatenate([p.images for p in parts])
+    merged = D.merge_caches(parts)
     draws = [rng.integers(0, len(pool), args.batch) for _ in range(50)]
 
     def from_pool() -> None:
         for idx in draws:
-            pool.gather(idx)
+            pool.read_images(idx)
 
     def from_array() -> None:
         for idx in draws:
-            order = np.argsort(idx, kind="stable")
-            out = np.empty((idx.size,) + merged.shape[1:], np.uint8)
-            out[order] = merged[idx[order]]
+            merged.read_images(idx)
 
     for idx in draws[:3]:
-        assert np.array_equal(pool.gather(idx), merged[idx])
+        assert np.array_equal(pool.read_images(idx), merged.images[idx])
     t_pool = _timed(from_pool, 3) / len(draws)
     t_array = _timed(from_array, 3) / len(draws)
     print(f"2. a batch of {args.batch} from {len(pool)} slices in {args.parts} parts: {t_pool * 1000:.1f} ms; "
