@@ -124,7 +124,7 @@ class DADRNLesionParameterNode:
     liverSegmentID: str = ""
     useDemoModel: bool = True
     modelPath: str = ""
-    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    device: Annotated[str, Choice(["auto", "cuda", "cpu", "cpu-bf16"])] = "auto"
     batchSize: Annotated[int, WithinRange(0, 256)] = 0  # 0: automatic (engine sizes it from free memory)
     camThreshold: Annotated[float, WithinRange(0.05, 0.95)] = 0.5
     outputSegmentation: vtkMRMLSegmentationNode

@@ -113,7 +113,8 @@ def test_device_summary():
     assert P.device_summary({"cuda": True, "cuda_devices": ["NVIDIA RTX A4000"], "torch": "2.4.0"}) == "GPU: NVIDIA RTX A4000 (PyTorch 2.4.0)"
     assert P.device_summary({"cuda": False, "mps": True, "torch": "2.4.0"}) == "GPU: Apple MPS (PyTorch 2.4.0)"
     cpu = P.device_summary({"cuda": False, "mps": False, "torch": "2.4.0+cpu"})
-    assert cpu.startswith("CPU only") and "2.4.0+cpu" in cpu
+    assert cpu.startswith("CPU only") and "2.4.0+cpu" in cpu and "bfloat16" not in cpu
+    assert "choose cpu-bf16" in P.device_summary({"cuda": False, "mps": False, "torch": "2.4.0+cpu", "cpu_bf16": True})
 
 
 def test_asking_for_cuda_without_one_falls_back_with_a_warning():
@@ -122,6 +123,13 @@ def test_asking_for_cuda_without_one_falls_back_with_a_warning():
     assert P.resolve_device("cuda", {"cuda": True}) == ("cuda", "")
     assert P.resolve_device("auto", None) == ("auto", "")
     assert P.resolve_device("CPU", None) == ("cpu", "")
+
+
+def test_asking_for_the_cpu_in_bfloat16_without_its_instructions_runs_float32_with_a_warning():
+    device, warning = P.resolve_device(P.CPU_BF16, {"cuda": False, "cpu_bf16": False, "torch": "2.4"})
+    assert device == "cpu" and "no bfloat16 instructions" in warning and "float32" in warning
+    assert P.resolve_device(P.CPU_BF16, {"cuda": False, "cpu_bf16": True}) == (P.CPU_BF16, "")
+    assert P.device_label(P.CPU_BF16) == "the CPU in bfloat16"
 
 
 # -- navigation ---------------------------------------------------------------------------------

@@ -113,6 +113,12 @@ def test_classify_command_and_environment(tmp_path):
                  "--batch-size 4", "--cam-threshold 0.45", "--overwrite", "--progress-format jsonl"):
         assert part in joined
     minimal = R.classify_command("py", "in.nrrd", "out", batch_size=None)
+    bf16 = R.classify_command("py", "in.nrrd", "out", device=R.CPU_BF16)
+    assert bf16[bf16.index("--device") + 1] == "cpu" and "--cpu-bf16" in bf16  # what the engine's parser takes
+    from DADRNLesionLib.cli import build_parser
+
+    args = build_parser().parse_args(bf16[4:])
+    assert args.device == "cpu" and args.cpu_bf16 and not args.no_amp
     assert "--batch-size" not in minimal and "--liver-mask" not in minimal and "--weights" not in minimal
     env = R.engine_environment("/mod", {"PYTHONPATH": f"/other{os.pathsep}/mod", "HOME": "/h"})
     assert env["PYTHONPATH"] == f"/mod{os.pathsep}/other" and env["PYTHONUNBUFFERED"] == "1" and env["HOME"] == "/h"
@@ -243,6 +249,9 @@ def test_devices_through_the_runner():
     data = [e.data for e in events if e.kind == "data"]
     assert events[-1].exit_code == 0, proc.stderr_tail()
     assert data and "cuda" in data[0] and "torch" in data[0]
+    from DADRNLesionLib.precision import cpu_has_native_bf16
+
+    assert data[0]["cpu_bf16"] is cpu_has_native_bf16()
     proc.close()
 
 

@@ -26,6 +26,7 @@ import torch
 
 from . import __version__
 from .cam import GradCAM, naive_grad_cam
+from .precision import autocast_dtype, uses_channels_last
 from .weights import DEMO_WEIGHTS, LoadedModel, load_checkpoint, random_model
 
 __all__ = ["measure_throughput", "measure_interleaved", "benchmark_model", "end_to_end", "run_benchmark", "main", "add_parser"]
@@ -74,10 +75,18 @@ def measure_interleaved(steps: dict[str, Callable[[], Any]], batch: int, device:
 
 def _amp(device: torch.device, dtype: str) -> Optional[torch.dtype]:
     if dtype == "float32" or device.type != "cuda":
-        return None
+        # on a CPU: float32 unless bfloat16 is named (refused where the CPU lacks it), as classify does
+        return autocast_dtype(device, True) if dtype == "bfloat16" and device.type == "cpu" else None
     if dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def _pipeline_amp(device: torch.device, dtype: str) -> Optional[bool]:
+    """The end-to-end run's PipelineOptions.amp for --dtype (float16 is a GPU's own choice there)."""
+    if dtype == "float32":
+        return False
+    return True if dtype == "bfloat16" and device.type == "cpu" else None
 
 
 def benchmark_model(loaded: LoadedModel, device: torch.device, batch: int, dtype: str = "auto", min_time: float = 2.0,
@@ -86,9 +95,10 @@ def benchmark_model(loaded: LoadedModel, device: torch.device, batch: int, dtype
     amp_dtype = _amp(device, dtype)
     size = loaded.card.input.size
     x = torch.rand(batch, 3, size, size, device=device)
-    if device.type == "cuda":
+    if uses_channels_last(device, amp_dtype):
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
     def autocast():
@@ -144,7 +154,7 @@ def make_study(folder: Path, matrix: int = 512, n_slices: int = 100, seed: int =
 
 
 def end_to_end(loaded: LoadedModel, study: Path, out_dir: Path, device: str, batch: Optional[int], threads: Optional[int] = None,
-               liver_mask: Optional[Path] = None) -> dict[str, Any]:
+               liver_mask: Optional[Path] = None, amp: Optional[bool] = None) -> dict[str, Any]:
     """Time classify's stages in this process: read, liver, preprocess, model+CAM, postprocess, write."""
     from .io import read_mask, read_volume
     from .outputs import write_results
@@ -154,7 +164,7 @@ def end_to_end(loaded: LoadedModel, study: Path, out_dir: Path, device: str, bat
     ct = read_volume(study)
     mask = read_mask(liver_mask, like=ct) if liver_mask else None
     read_s = time.perf_counter() - t0
-    result = run_pipeline(ct, liver_mask=mask, model=loaded, options=PipelineOptions(device=device, batch_size=batch, threads=threads))
+    result = run_pipeline(ct, liver_mask=mask, model=loaded, options=PipelineOptions(device=device, batch_size=batch, threads=threads, amp=amp))
     t = time.perf_counter()
     write_results(result, out_dir, ct=ct, overwrite=True)
     write_s = time.perf_counter() - t
@@ -249,7 +259,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             entry = benchmark_model(loaded, device, batch, args.dtype, args.min_time, naive=not args.no_naive)
         if study is not None:
             runs = [end_to_end(loaded, study, work / f"out_{name}", str(device), args.batch_size, args.threads,
-                               liver_mask=None if args.auto_liver else mask) for _ in range(e2e_runs)]
+                               liver_mask=None if args.auto_liver else mask, amp=_pipeline_amp(device, args.dtype))
+                    for _ in range(e2e_runs)]
             entry.update(runs[-1])
             entry["end_to_end_runs_s"] = [round(r["end_to_end_s"], 3) for r in runs]
             if len(runs) > 1:
@@ -308,7 +319,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=["dadrn50", "demo"], help="dadrn50 (full size, untrained), demo, or checkpoint paths")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None, help="throughput batch (default 8 on CPU, 128 on GPU)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto", help="GPU autocast dtype")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="autocast dtype (auto: bfloat16 or float16 on a GPU, float32 on a CPU; bfloat16 on a CPU where it has the instructions)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--min-time", type=float, default=3.0, help="seconds per throughput measurement")
     p.add_argument("--no-naive", action="store_true", help="skip the naive full-backward Grad-CAM")

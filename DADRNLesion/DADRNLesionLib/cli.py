@@ -31,6 +31,20 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_precision_options(parser) -> None:
+    parser.add_argument("--no-amp", action="store_true", help="full precision on the GPU")
+    parser.add_argument("--cpu-bf16", action="store_true",
+                        help="bfloat16 autocast on the CPU too: about twice as fast where the CPU has bfloat16 instructions "
+                             "(AVX512-BF16, AMX), refused where it has not; the figures differ a little from float32's")
+
+
+def amp_choice(args) -> Optional[bool]:
+    """The `amp` of PipelineOptions and TrainConfig (`precision.autocast_dtype`) from the two options."""
+    if args.no_amp and args.cpu_bf16:
+        raise UserInputError("--no-amp and --cpu-bf16 contradict each other: give one of them")
+    return False if args.no_amp else (True if args.cpu_bf16 else None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dadrn-lesion",

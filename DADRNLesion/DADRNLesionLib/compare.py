@@ -37,6 +37,7 @@ from .errors import UserInputError
 from .metrics import classification_summary, confusion_matrix
 from .model import PRESETS, ModelConfig
 from .model.roi import ROIClassifier, ROIConfig, boxes_from_masks, crop_patches, to_five_class
+from .precision import autocast_dtype
 from .preprocess import CAM_SMOOTHING_CELLS, check_cam_smoothing
 from .train import TrainConfig, augment_batch, balanced_order, lr_at
 
@@ -207,7 +208,7 @@ def train_roi(
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
-    amp_dtype = _amp_dtype(dev, cfg.amp)
+    amp_dtype = autocast_dtype(dev, cfg.amp)
 
     parts, unoutlined = {}, 0
     for s in ("train", "val", "test"):
@@ -366,7 +367,7 @@ def run_comparison(
                 best = load_checkpoint(res.best_weights)
                 dev = _device(cfg.device)
                 ev = evaluate_cache(best.model, cache, cache.indices_of_cases([c for c, s in split.items() if s == "test"]),
-                                    device=dev, amp_dtype=_amp_dtype(dev, cfg.train.amp), batch_size=cfg.train.eval_batch_size,
+                                    device=dev, amp_dtype=autocast_dtype(dev, cfg.train.amp), batch_size=cfg.train.eval_batch_size,
                                     cam_threshold=cfg.cam_threshold, cam_smoothing=cfg.cam_smoothing)
                 write_report(ev, run_dir / "test", title=f"{method.label} (split {seed}): test")
                 test = ev.summary["all"]
@@ -386,13 +387,6 @@ def run_comparison(
                 f"({result['seconds']:.0f} s)")
             results.append(result)
     return results
-
-
-def _amp_dtype(dev: torch.device, amp: Optional[bool]) -> Optional[torch.dtype]:
-    """bfloat16 autocast on GPUs that have it (float16 otherwise), as training uses; none on CPUs."""
-    if dev.type != "cuda" or amp is False:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _device(name: str) -> torch.device:

@@ -37,6 +37,7 @@ from .bootstrap import format_interval, patient_bootstrap
 from .cam import GradCAM
 from .classes import CLASS_NAMES, LESION_CLASSES
 from .data import SliceCache
+from .precision import uses_channels_last
 from .preprocess import CAM_SMOOTHING_CELLS, smooth_maps
 from .metrics import (
     classification_summary,
@@ -162,6 +163,9 @@ def evaluate_cache(
     device = torch.device(device)
     idx = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
     model = model.to(device).eval()
+    channels_last = uses_channels_last(device, amp_dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     cam = GradCAM(model, amp_dtype, normal_offset=normal_offset)
     n = idx.size
     probs = np.zeros((n, len(CLASS_NAMES)), np.float32)
@@ -176,6 +180,8 @@ def evaluate_cache(
     for s in range(0, n, batch_size):
         rows = np.arange(s, min(n, s + batch_size))
         x = torch.from_numpy(np.asarray(cache.images[idx[rows]])).to(device).float().div_(255.0)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = cam(x)
         probs[rows] = out.probabilities.cpu().numpy()
         pred = out.target.cpu().numpy()

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from .runner import EngineEvent, RunDecision
+from .runner import CPU_BF16, EngineEvent, RunDecision
 
-__all__ = ["ViewState", "ClassifyPanel", "LesionNavigator", "device_summary", "stage_text", "APPLY_TEXT", "CANCEL_TEXT"]
+__all__ = ["CPU_BF16", "ViewState", "ClassifyPanel", "LesionNavigator", "device_summary", "stage_text", "APPLY_TEXT", "CANCEL_TEXT"]
 
 APPLY_TEXT = "Classify lesions"
 CANCEL_TEXT = "Cancel"
@@ -190,7 +190,8 @@ class ClassifyPanel:
 
 
 def device_label(device: Optional[str]) -> str:
-    return {"cuda": "the GPU (CUDA)", "cpu": "the CPU", "mps": "the GPU (Apple MPS)", "auto": "the best available device"}.get(
+    return {"cuda": "the GPU (CUDA)", "cpu": "the CPU", CPU_BF16: "the CPU in bfloat16", "mps": "the GPU (Apple MPS)",
+            "auto": "the best available device"}.get(
         device or "auto", str(device)
     )
 
@@ -209,14 +210,18 @@ def device_summary(info: Optional[dict]) -> str:
         return f"GPU: Apple MPS{suffix}"
     if not torch_version:
         return "PyTorch is not installed."
-    return f"CPU only: no CUDA GPU visible to PyTorch{suffix}"
+    bf16 = f"; it computes in bfloat16: choose {CPU_BF16} for about twice the speed" if info.get("cpu_bf16") else ""
+    return f"CPU only: no CUDA GPU visible to PyTorch{suffix}{bf16}"
 
 
 def resolve_device(choice: str, info: Optional[dict]) -> tuple[str, str]:
-    """(device for the engine, warning or ""). Asking for CUDA without one falls back to the CPU."""
+    """(device for the engine, warning or ""). Asking for CUDA without one falls back to the CPU, and
+    for the CPU in bfloat16 (`CPU_BF16`, the engine's --cpu-bf16) without its instructions to float32."""
     choice = (choice or "auto").lower()
     if choice == "cuda" and info is not None and not info.get("cuda"):
         return "cpu", "No CUDA GPU is visible to PyTorch; running on the CPU. See docs/slicer.md, 'GPU not used'."
+    if choice == CPU_BF16 and info is not None and not info.get("cpu_bf16"):
+        return "cpu", "This CPU has no bfloat16 instructions (AVX512-BF16 or AMX), where bfloat16 would be slower; running on the CPU in float32."
     return choice, ""
 
 

@@ -26,6 +26,7 @@ from .decision import card_offset
 from .errors import Cancelled, UserInputError, WeightsError
 from .liver_check import check_liver_mask
 from .orientation import to_axial_frame
+from .precision import autocast_dtype, uses_channels_last
 from .preprocess import CAM_SMOOTHING_CELLS, check_cam_smoothing, liver_crop_box, liver_slice_indices, maps_to_slices, prepare_batch
 from .results import PipelineResult, SliceResult, study_summary
 from .volume import Volume
@@ -48,7 +49,7 @@ class PipelineOptions:
     batch_size: Optional[int] = None  # None: 8 on CPU, sized from free memory on a GPU
     cam_threshold: float = 0.5
     cam_smoothing: float = CAM_SMOOTHING_CELLS  # Gaussian sigma of the heatmap, in cells of the model's map
-    amp: Optional[bool] = None  # None: on for CUDA (bf16 where supported, else fp16)
+    amp: Optional[bool] = None  # None: on for CUDA (bf16 where supported, else fp16); True: bf16 on CPUs too (`precision`)
     threads: Optional[int] = None  # intra-op CPU threads; None: physical cores
     liver_method: str = "auto"  # auto (built-in) | totalsegmentator
 
@@ -150,12 +151,6 @@ def _threads(n: Optional[int], device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _amp_dtype(device: torch.device, amp: Optional[bool]) -> Optional[torch.dtype]:
-    if amp is False or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
 def _gpu_batch_size(loaded: LoadedModel, device: torch.device, amp_dtype: Optional[torch.dtype]) -> int:
     """Batch size from free GPU memory, measured with a 2-slice dry run (keeping half the memory free)."""
     size = loaded.card.input.size
@@ -239,9 +234,10 @@ def run_pipeline(
     spec = loaded.card.input
     slices = liver_slice_indices(liver)
     box = liver_crop_box(liver, (axial.spacing[0], axial.spacing[1]), spec.margin_mm)
-    amp_dtype = _amp_dtype(device, options.amp)
+    amp_dtype = autocast_dtype(device, options.amp)
     net = loaded.model.to(device).eval()
-    if device.type == "cuda":
+    channels_last = uses_channels_last(device, amp_dtype)
+    if channels_last:
         net = net.to(memory_format=torch.channels_last)
     cam = GradCAM(net, amp_dtype, normal_offset=card_offset(loaded.card))
     batch = options.batch_size or (_gpu_batch_size(loaded, device, amp_dtype) if device.type == "cuda" else CPU_BATCH)
@@ -301,6 +297,7 @@ def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress,
     heat = np.zeros((n_slices, rows, cols), dtype=np.float32)
     probs = np.zeros((len(slices), len(CLASS_NAMES)), dtype=np.float32)
     stage_t = {"preprocess": 0.0, "model": 0.0, "postprocess": 0.0}
+    channels_last = uses_channels_last(device, cam.amp_dtype)
     progress("model", 0, len(slices))
 
     def collect(first: int, ks: np.ndarray, out) -> None:
@@ -325,7 +322,7 @@ def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress,
         ks = np.asarray(slices[start : start + batch])
         t = time.perf_counter()
         x = prepare_batch(ct, liver, ks, box, spec, device=device)
-        if device.type == "cuda":
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         stage_t["preprocess"] += time.perf_counter() - t
         t = time.perf_counter()

@@ -108,6 +108,9 @@ def _as_int(value: Any) -> Optional[int]:
 
 
 # -- commands -------------------------------------------------------------------------------------
+CPU_BF16 = "cpu-bf16"  # the device choice that runs the engine with --device cpu --cpu-bf16 (`precision`)
+
+
 def classify_command(
     python: str,
     input_path,
@@ -126,7 +129,9 @@ def classify_command(
         cmd += ["--liver-mask", str(liver_mask)]
     if weights:
         cmd += ["--weights", str(weights)]
-    if device:
+    if device == CPU_BF16:
+        cmd += ["--device", "cpu", "--cpu-bf16"]
+    elif device:
         cmd += ["--device", str(device)]
     if batch_size is not None:
         cmd += ["--batch-size", str(int(batch_size))]

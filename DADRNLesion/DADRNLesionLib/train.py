@@ -9,7 +9,8 @@ What a run does, and why:
   shift), an HU shift and contrast change inside the liver, band-free Gaussian noise in HU, and
   neighbour-slice jitter (the z order of the two neighbours reversed, or a neighbour replaced
   by the centre slice, as thick slices look). No left-right flip: the liver's side is anatomy.
-* Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling).
+* Mixed precision on CUDA (bfloat16 where supported, else float16 with loss scaling); bfloat16 on
+  CPUs that have it when asked (`amp=True`: about twice as fast; `precision.py`).
 * Early stopping on the validation monitor (macro F1 by default) with a patience in epochs; the
   best epoch's weights are written as ``best.safetensors`` + ``best.json`` (model card).
 * Validation on a cache whose normal slices were thinned weighs each kept normal slice by the
@@ -51,6 +52,7 @@ from .errors import UserInputError
 from .growing import GrowSource, TrainingPool, grown_record, load_grown, ready_caches
 from .metrics import classification_summary
 from .model import LesionClassifier, ModelConfig, build_model
+from .precision import autocast_dtype, uses_channels_last
 from .weights import ModelCard, save_checkpoint
 
 __all__ = ["AugmentConfig", "TrainConfig", "TrainResult", "train", "augment_batch", "balanced_order", "lr_at"]
@@ -228,12 +230,6 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, window_width: float, gen:
 
 def _seed_for(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-def _amp_dtype(device: torch.device, amp: Optional[bool]) -> Optional[torch.dtype]:
-    if device.type != "cuda" or amp is False:
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def _unwrap(model: torch.nn.Module) -> LesionClassifier:
@@ -475,15 +471,17 @@ def train(
             raise UserInputError("the validation split holds no labelled slices: early stopping needs one (more cases, or --split-fractions)")
         val_weights = every_slice_weights(cache, test_cache, val_idx) if cfg.validation_weights == "every_slice" else None
         spec = cache.spec
-        amp_dtype = _amp_dtype(dev, cfg.amp)
+        amp_dtype = autocast_dtype(dev, cfg.amp)
 
         torch.manual_seed(_seed_for(cfg.seed, 0xC0DE))
         model = build_model(model_config)
         if init_from is not None and not resume:
             model.load_state_dict(init_from.model.state_dict(), strict=True)
         model = model.to(dev)
-        if dev.type == "cuda":
+        channels_last = uses_channels_last(dev, amp_dtype)
+        if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # one input size throughout: the fastest kernels are found once
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -684,7 +682,7 @@ def train(
                 torch.manual_seed(seed)  # dropout
                 if cfg.augment is not None:
                     x = augment_batch(x, cfg.augment, spec.window_width, torch.Generator().manual_seed(seed))
-                if dev.type == "cuda":
+                if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 lr = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_fraction)
                 for g in optimizer.param_groups:

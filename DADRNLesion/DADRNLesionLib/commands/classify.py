@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..cli import EXIT_INPUT, EXIT_PARTIAL, add_common_options
+from ..cli import EXIT_INPUT, EXIT_PARTIAL, add_common_options, add_precision_options, amp_choice
 from ..errors import OutputExistsError, UserInputError
 from ..outputs import check_output_location, results_exist, write_results
 from ..pipeline import UNTRAINED_WARNING, PipelineOptions, load_model, resolve_device, run_pipeline
@@ -39,7 +39,7 @@ def add_pipeline_options(p) -> None:
     p.add_argument("--cam-smoothing", type=float, default=None, metavar="CELLS",
                    help="Gaussian sigma of the heatmap in cells of the model's map (default 1.5; 0: plain bilinear upsampling)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
-    p.add_argument("--no-amp", action="store_true", help="full precision on the GPU")
+    add_precision_options(p)
 
 
 def options_from(args) -> PipelineOptions:
@@ -48,7 +48,7 @@ def options_from(args) -> PipelineOptions:
         batch_size=args.batch_size,
         cam_threshold=args.cam_threshold,
         **({} if args.cam_smoothing is None else {"cam_smoothing": args.cam_smoothing}),
-        amp=False if args.no_amp else None,
+        amp=amp_choice(args),
         threads=args.threads,
         liver_method=args.liver_method,
     )

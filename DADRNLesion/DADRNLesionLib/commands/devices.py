@@ -14,6 +14,8 @@ def add_parser(subparsers) -> None:
 def describe_devices() -> dict:
     import torch
 
+    from ..precision import cpu_has_native_bf16
+
     cuda = torch.cuda.is_available()
     mps = bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
     return {
@@ -23,6 +25,7 @@ def describe_devices() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
         "mps": mps,
         "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_has_native_bf16(),  # whether --cpu-bf16 is accepted here
         "auto": "cuda" if cuda else ("mps" if mps else "cpu"),
     }
 
@@ -33,5 +36,6 @@ def run(args) -> int:
         print(json.dumps(info))
     else:
         gpus = ", ".join(info["cuda_devices"]) or "none"
-        print(f"torch {info['torch']}; CUDA GPUs: {gpus}; MPS: {'yes' if info['mps'] else 'no'}; auto picks {info['auto']}")
+        print(f"torch {info['torch']}; CUDA GPUs: {gpus}; MPS: {'yes' if info['mps'] else 'no'}; "
+              f"CPU bfloat16 (--cpu-bf16): {'yes' if info['cpu_bf16'] else 'no'}; auto picks {info['auto']}")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import add_common_options
+from ..cli import add_common_options, add_precision_options, amp_choice
 from ..errors import UserInputError
 from .dataset import add_data_options, describe_cache, load_cache_from_args
 
@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cam-threshold", type=float, default=0.5)
     p.add_argument("--cam-smoothing", type=float, default=None, metavar="CELLS",
                    help="Gaussian sigma of the heatmap in cells of the model's map, as classify's (default: classify's default)")
-    p.add_argument("--no-amp", action="store_true")
+    add_precision_options(p)
     p.add_argument("--normal-offset", type=float, metavar="B",
                    help="add B to the normal class's logit before deciding each slice's class (prior correction); "
                         "default: the model card's decision.normal_logit_offset (0 where it has none, the network's own argmax, as in the paper)")
@@ -46,12 +46,11 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     import math
 
-    import torch
-
     from ..data import read_split
     from ..decision import MAX_ABS_OFFSET, card_offset
     from ..evaluate import evaluate_cache, write_report
     from ..pipeline import load_model, resolve_device
+    from ..precision import autocast_dtype
 
     if not 0 < args.cam_threshold < 1:
         raise UserInputError(f"--cam-threshold must be between 0 and 1, not {args.cam_threshold}")
@@ -75,9 +74,7 @@ def run(args) -> int:
     idx = cache.indices_of_cases(ids)
     if idx.size == 0:
         raise UserInputError("the selected cases hold no labelled slices")
-    amp = None
-    if device.type == "cuda" and not args.no_amp:
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    amp = autocast_dtype(device, amp_choice(args))
     args.reporter.info(describe_cache(cache))
     result = evaluate_cache(loaded.model, cache, idx, device=device, amp_dtype=amp, batch_size=args.batch_size,
                             cam_threshold=args.cam_threshold, cam_smoothing=smoothing, normal_offset=offset, progress=lambda done, total: args.reporter("model", done, total))

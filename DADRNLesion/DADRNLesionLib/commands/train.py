@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..cli import add_common_options
+from ..cli import add_common_options, add_precision_options, amp_choice
 from ..errors import OutputExistsError, UserInputError
 from .dataset import add_data_options, add_input_options, describe_cache, input_spec_from, load_cache_from_args, split_from_args
 
@@ -77,7 +77,7 @@ def add_parser(subparsers) -> None:
                         "random initialisation: fine-tuning; the architecture must be the same")
     r.add_argument("--overwrite", action="store_true", help="start afresh in an --out that holds a run")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (under torchrun: one GPU per process)")
-    r.add_argument("--no-amp", action="store_true", help="full precision on the GPU")
+    add_precision_options(r)
     r.add_argument("--threads", type=int, help="CPU threads per process")
     r.add_argument("--model-id", help="model id written into the card")
     r.add_argument("--intended-use", default="Research use on labelled data; not for diagnosis.", help="the card's intended-use statement")
@@ -132,7 +132,7 @@ def run(args) -> int:
     cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         samples_per_epoch=args.samples_per_epoch, balance=args.balance, label_smoothing=args.label_smoothing,
-        augment=None if args.no_augment else AugmentConfig(), amp=False if args.no_amp else None,
+        augment=None if args.no_augment else AugmentConfig(), amp=amp_choice(args),
         patience=args.patience, monitor=args.monitor,
         validation_weights=args.validation_weights.replace("-", "_"), min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
         time_limit_s=None if args.time_limit is None else args.time_limit * 60.0, calibrate=args.calibrate,
