@@ -534,6 +534,32 @@ def test_logic_runs_the_engine_loads_results_and_exports(glue, tiny_checkpoint, 
     assert np.array_equal(E.read_dicom_seg(tmp_path / "export" / "Glue_CT_lesions.dcm", ct, files).array, expected.array)
 
 
+def test_logic_runs_the_engine_in_bfloat16_for_the_cpu_bf16_device(glue, tiny_checkpoint):
+    import json
+
+    from DADRNLesionLib import scene as S
+    from DADRNLesionLib.precision import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+
+    module, scene = glue
+    ct, liver = _phantom_ct()
+    ct_node = S.volume_to_node(ct, scene, "Glue CT")
+    liver_seg = S.build_segmentation(scene, liver, "my liver", reference_node=ct_node, liver=liver)
+    logic = module.DADRNLesionLogic()
+    job = logic.prepareJob(ct_node, liver_seg, "liver", weights=tiny_checkpoint, device="cpu-bf16", batchSize=2)
+    try:
+        process = logic.startJob(job)
+        assert "--cpu-bf16" in process.command and process.command[process.command.index("--device") + 1] == "cpu"
+        process.wait(timeout=300)
+        assert logic.decide(job).action == "load", process.stderr_tail()
+        report = json.loads((Path(job.outDir) / "report.json").read_text())
+        assert report["device"]["name"] == "cpu" and report["device"]["amp"] == "bfloat16"
+    finally:
+        logic.cleanupJob(job)
+
+
 def test_logic_cancel_leaves_the_scene_and_removes_its_files(glue):
     module, scene = glue
     from DADRNLesionLib import scene as S

@@ -1,5 +1,5 @@
 """Precision: bfloat16 on the CPU only when asked and only where the CPU computes in it; where it
-runs, the pipeline decides as float32 does and training learns and saves plain weights."""
+runs, the pipeline decides as float32 does and repeats exactly, and training learns and saves plain weights."""
 
 from __future__ import annotations
 
@@ -76,3 +76,19 @@ def test_training_in_bfloat16_on_the_cpu_lowers_the_loss_and_saves_plain_weights
     assert card["training"]["amp"] == "bfloat16"
     loaded = load_checkpoint(tmp_path / "run" / "best.safetensors")
     assert all(p.dtype == torch.float32 for p in loaded.model.parameters())
+
+
+@needs_bf16_cpu
+def test_bfloat16_runs_on_the_cpu_repeat_exactly(tmp_path):
+    from conftest import make_abdomen
+    from test_bad_input import save_tiny_weights
+
+    from DADRNLesionLib.pipeline import PipelineOptions, run_pipeline
+    from DADRNLesionLib.weights import load_checkpoint
+
+    ct, liver = make_abdomen(shape=(16, 96, 96), seed=3)
+    model = load_checkpoint(save_tiny_weights(tmp_path, seed=7, hcc_bias=1.0))
+    runs = [run_pipeline(ct, liver_mask=liver, model=model, options=PipelineOptions(device="cpu", amp=True, threads=2)) for _ in range(2)]
+    a, b = (np.stack([s.probabilities for s in r.slices]) for r in runs)
+    assert np.ptp(a) > 0.01 and np.array_equal(a, b)
+    assert np.array_equal(runs[0].heatmap.array, runs[1].heatmap.array)
