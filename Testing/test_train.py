@@ -156,11 +156,18 @@ def test_validation_on_thinned_normal_slices_counts_every_slice_of_their_cases()
     assert np.all(every_slice_weights(full, full, every) == 1.0)
 
 
-def test_epochs_within_a_time_limit_follow_the_slowest_recent_epoch():
+def test_epochs_within_a_time_limit_follow_the_typical_recent_epoch():
     from DADRNLesionLib.train import _epochs_within
 
     history = [{"seconds": 40.0}, {"seconds": 10.0}, {"seconds": 12.0}, {"seconds": 11.0}]
-    assert _epochs_within(history, 4, 30, 100.0) == 4 + 8  # 100 s / 12 s, the slow first epoch left out
+    assert _epochs_within(history, 4, 30, 100.0) == 4 + 9  # 100 s / 11 s (the median), the slow first epoch left out
+    # One epoch slowed by another job does not cut the run for good ...
+    assert _epochs_within([{"seconds": 277.0}, {"seconds": 488.0}], 2, 16, 4035.0) == 16  # judged by the first, 277 s
+    assert _epochs_within([{"seconds": 277.0}, {"seconds": 488.0}, {"seconds": 295.0}], 3, 16, 3740.0) == 15  # the faster of two, 295 s
+    assert _epochs_within([{"seconds": 277.0}, {"seconds": 488.0}, {"seconds": 290.0}, {"seconds": 280.0}], 4, 16, 3300.0) == 15
+    # ... but a pace that stays slow does, and a first epoch with one-off costs does not count against the second.
+    assert _epochs_within([{"seconds": 277.0}, {"seconds": 488.0}, {"seconds": 480.0}, {"seconds": 290.0}], 4, 16, 3300.0) == 10
+    assert _epochs_within([{"seconds": 20.0}, {"seconds": 6.0}], 2, 100, 60.0) == 12
     assert _epochs_within(history, 4, 5, 100.0) == 5  # never more than asked
     assert _epochs_within(history, 4, 30, -5.0) == 4  # past the limit: stop where it is
     assert _epochs_within([], 0, 30, 1.0) == 30  # nothing measured yet

@@ -817,16 +817,21 @@ def train(
 
 def _epochs_within(history: list[dict[str, Any]], done: int, planned: int, remaining_s: float) -> int:
     """How many epochs in all fit when `remaining_s` is left after `done` of them, judged by the
-    slowest of the last three (validation included); at least `done`, at most `planned`.
+    lower median of the last three (validation included); at least `done`, at most `planned`.
 
-    The first epoch of a run carries one-off costs (kernel selection, page cache), so it only
-    decides alone whether another epoch fits at all; the cut itself waits for a second epoch."""
+    A cut is for good (the schedule is fitted to it), so one epoch slowed by something passing, such
+    as another job on the machine, must not decide it: hence the lower median, and while only one
+    epoch follows the first, the faster of the two. The first epoch carries one-off costs (kernel
+    selection, page cache) and otherwise only decides alone whether another epoch fits at all. A
+    pace that truly rises is followed an epoch or two late, and each later epoch cuts again, so
+    the run may end about an epoch past the limit; callers with a hard limit keep that in reserve."""
     timed = [float(h["seconds"]) for h in history if h.get("seconds")]
     if not timed:
         return planned
     if len(timed) == 1:
         return planned if remaining_s >= timed[0] else done
-    per_epoch = max(timed[1:][-3:])
+    recent = timed[1:][-3:]
+    per_epoch = min(timed[0], recent[0]) if len(recent) == 1 else sorted(recent)[(len(recent) - 1) // 2]
     return int(min(planned, done + max(0, math.floor(max(0.0, remaining_s) / per_epoch))))
 
 
