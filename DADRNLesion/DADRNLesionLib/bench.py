@@ -74,9 +74,12 @@ def measure_interleaved(steps: dict[str, Callable[[], Any]], batch: int, device:
 
 
 def _amp(device: torch.device, dtype: str) -> Optional[torch.dtype]:
-    if dtype == "float32" or device.type != "cuda":
-        # on a CPU: float32 unless bfloat16 is named (refused where the CPU lacks it), as classify does
-        return autocast_dtype(device, True) if dtype == "bfloat16" and device.type == "cpu" else None
+    if dtype == "float32":
+        return None
+    if device.type == "cpu":  # float32 unless bfloat16 is named (refused where the CPU lacks it), as classify does
+        return autocast_dtype(device, True) if dtype == "bfloat16" else None
+    if device.type != "cuda":
+        return None
     if dtype == "bfloat16" or (dtype == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16

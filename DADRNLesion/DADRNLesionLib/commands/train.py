@@ -62,7 +62,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--time-limit", type=float, metavar="MINUTES",
                    help="train at most this long (wall time of the training loop, earlier sessions of a resumed run "
                         "included): after each epoch the epochs still to come are cut to those that fit, judged by the "
-                        "slowest recent epoch, and the learning-rate schedule is fitted to them; the test follows")
+                        "typical recent epoch (one slowed by another job does not count), and the learning-rate schedule is "
+                        "fitted to them; the test follows. The run may end about an epoch past the limit")
     t.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
     t.add_argument("--grow-from", type=Path, metavar="DIR",
                    help="training data that grows while the run trains: at each epoch's start, every finished cache in a "
