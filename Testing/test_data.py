@@ -311,6 +311,28 @@ def test_a_cache_of_reference_masks_is_not_reused_for_the_automatic_source(tmp_p
     assert not (tmp_path / "s3.csv").exists()
 
 
+def test_a_class_focused_phantom_cache_holds_those_classes_and_names_them_in_its_record(tmp_path, capsys):
+    from DADRNLesionLib.cli import main
+    from DADRNLesionLib.commands.evaluate import describe_source
+
+    common = ["dataset", "cache", "--phantoms", "2", "--phantom-seed", "4", "--cache", str(tmp_path / "c"), "--input-size", "32", "--quiet"]
+    assert main(common + ["--phantom-classes", "hcc"]) == 0
+    made = json.loads((tmp_path / "c" / "cache.json").read_text())
+    assert made["source"]["phantom_classes"] == ["hcc"]
+    cache = D.SliceCache.load(tmp_path / "c")
+    counts = cache.class_counts(np.arange(len(cache)))
+    assert counts[CLASS_NAMES.index("hcc")] > 0
+    assert all(counts[CLASS_NAMES.index(c)] == 0 for c in ("cyst", "fnh", "hem"))
+    assert "--classes hcc" in describe_source(made["source"])
+    # The plain cache of the same seed is another data set: rebuilt, not reused.
+    assert main(common) == 0
+    assert "phantom_classes" not in json.loads((tmp_path / "c" / "cache.json").read_text())["source"]
+    with pytest.raises(SystemExit) as refused:
+        main(common + ["--phantom-classes", "adenoma"])
+    assert refused.value.code == 2
+    assert "invalid choice: 'adenoma'" in capsys.readouterr().err
+
+
 def test_a_case_without_liver_like_tissue_names_itself_when_the_automatic_mask_fails():
     from DADRNLesionLib.errors import NoLiverFoundError
 

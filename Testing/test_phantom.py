@@ -185,6 +185,21 @@ def test_generate_cases_is_balanced_and_reproducible():
     assert np.array_equal(case.ct.array, direct.ct.array)
 
 
+def test_a_class_focused_plan_holds_the_listed_classes_in_turn_and_the_full_list_is_the_default_plan():
+    plan = phantom.case_plan(9, 11, classes=["hcc", "hcc", "fnh"])
+    for block in (plan[:3], plan[3:6], plan[6:]):
+        assert sorted(cls for _, _, cls in block) == ["fnh", "hcc", "hcc"]
+    assert len({seed for _, seed, _ in plan}) == 9
+    assert phantom.case_plan(10, 11, classes=list(CLASS_NAMES)) == phantom.case_plan(10, 11)
+    assert phantom.case_plan(4, 11, classes=["cyst"]) == [(cid, seed, "cyst") for cid, seed, _ in phantom.case_plan(4, 11)]
+    case = next(phantom.generate_cases(1, 11, classes=["hem"], matrix=64, n_slices=6))
+    assert case.meta["requested_class"] == "hem"
+    with pytest.raises(ValueError, match="unknown class 'adenoma'"):
+        phantom.case_plan(3, 11, classes=["hcc", "adenoma"])
+    with pytest.raises(ValueError, match="classes is empty"):
+        phantom.case_plan(3, 11, classes=[])
+
+
 def test_unknown_class_is_refused():
     with pytest.raises(ValueError, match="unknown class"):
         phantom.generate_case(0, "adenoma", matrix=64, n_slices=8)

@@ -40,7 +40,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -1261,22 +1261,32 @@ def _case_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0])
 
 
-def case_plan(n: int, seed: int) -> list:
+def case_plan(n: int, seed: int, classes: Optional[Sequence[str]] = None) -> list:
     """(case_id, case seed, class) of the `n` cases `generate_cases(n, seed)` makes: each block
-    of five holds each class once, in a seeded order; entry i depends only on (seed, i)."""
+    of five holds each class once, in a seeded order; entry i depends only on (seed, i).
+
+    `classes` narrows the plan (a class-focused set, to give training more cases of the classes it
+    confuses): each block then holds each listed entry once, so a class listed twice comes twice as
+    often. Listing the five classes in their usual order gives the default plan."""
+    pool = list(CLASS_NAMES) if classes is None else [str(c) for c in classes]
+    if not pool:
+        raise ValueError("classes is empty; give at least one class, or None for all five")
+    unknown = sorted(set(pool) - set(CLASS_NAMES))
+    if unknown:
+        raise ValueError(f"unknown class {', '.join(map(repr, unknown))}; expected some of {', '.join(CLASS_NAMES)}")
     order = np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EED]))
     plan, perm = [], []
     for i in range(int(n)):
-        if i % len(CLASS_NAMES) == 0:
-            perm = [CLASS_NAMES[j] for j in order.permutation(len(CLASS_NAMES))]
-        plan.append((f"phantom_s{int(seed)}_{i:05d}", _case_seed(seed, i), perm[i % len(CLASS_NAMES)]))
+        if i % len(pool) == 0:
+            perm = [pool[j] for j in order.permutation(len(pool))]
+        plan.append((f"phantom_s{int(seed)}_{i:05d}", _case_seed(seed, i), perm[i % len(pool)]))
     return plan
 
 
-def generate_cases(n: int, seed: int, **kw) -> Iterator[PhantomCase]:
-    """`n` cases balanced over the five classes (see `case_plan`), generated lazily; a prefix of
-    a longer run is identical to a shorter run."""
-    for i, (case_id, case_seed, cls) in enumerate(case_plan(n, seed)):
+def generate_cases(n: int, seed: int, classes: Optional[Sequence[str]] = None, **kw) -> Iterator[PhantomCase]:
+    """`n` cases balanced over the five classes, or over `classes` (see `case_plan`), generated
+    lazily; a prefix of a longer run is identical to a shorter run."""
+    for i, (case_id, case_seed, cls) in enumerate(case_plan(n, seed, classes)):
         case = generate_case(case_seed, cls, **kw)
         case.case_id = case_id
         case.meta["index"] = i

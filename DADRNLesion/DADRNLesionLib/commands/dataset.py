@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
     ph.add_argument("--out", required=True, type=Path, metavar="DIR")
     ph.add_argument("--cases", type=int, required=True, help="number of phantom cases (balanced over the five classes)")
     ph.add_argument("--seed", type=int, default=0)
+    add_phantom_class_option(ph, "--classes")
     add_real_options(ph)
     ph.add_argument("--overwrite", action="store_true")
     add_common_options(ph)
@@ -60,12 +61,21 @@ def add_real_options(p) -> None:
                    help="real scans whose cases go to the test split only (never seen in training)")
 
 
+def add_phantom_class_option(p, flag: str) -> None:
+    from ..classes import CLASS_NAMES
+
+    p.add_argument(flag, nargs="+", choices=CLASS_NAMES, default=None, metavar="CLASS",
+                   help="phantoms of these classes only, in turn (a class named twice comes twice as often): "
+                        "more cases of the classes a model confuses; default all five, balanced")
+
+
 def add_data_options(p, cache_required: bool = False) -> None:
     g = p.add_argument_group("data (one of --data, --phantoms, or an existing --cache)")
     g.add_argument("--data", nargs="+", metavar="CASES",
                    help="cases CSV(s) (case_id, ct, liver, lesion, slice_labels, patient_id, group, split) or case folders")
     g.add_argument("--phantoms", type=int, metavar="N", help="generate N phantom cases in memory instead")
     g.add_argument("--phantom-seed", type=int, default=0)
+    add_phantom_class_option(g, "--phantom-classes")
     add_real_options(g)
     g.add_argument("--cache", type=Path, metavar="DIR", required=cache_required,
                    help="slice cache folder: reused when it matches the data and input spec, else (re)built there")
@@ -176,11 +186,13 @@ def _load_or_build(args, spec, reporter):
     else:
         source = D.source_fingerprint(
             phantoms=args.phantoms, phantom_seed=args.phantom_seed, generator=D.generator_fingerprint(),
+            **({"phantom_classes": list(args.phantom_classes)} if args.phantom_classes else {}),
             real=str(args.real_background) if args.real_background else None, real_rounds=args.real_rounds,
             real_holdout=sorted(args.real_holdout), **_liver_key(args),
         )
         gen = D.synthetic_cases(args.phantoms, args.phantom_seed, real_dir=args.real_background,
-                                real_rounds=args.real_rounds, real_holdout=tuple(args.real_holdout))
+                                real_rounds=args.real_rounds, real_holdout=tuple(args.real_holdout),
+                                classes=args.phantom_classes)
         cases = (D.prepare_synthetic(c, rule, args.liver_source or "reference") for c in gen)
         total = None
     if args.cache is not None and D.SliceCache.matches(args.cache, spec, rule, source):
@@ -223,8 +235,9 @@ def run_phantoms(args) -> int:
         raise UserInputError("--cases and --real-rounds must be >= 0")
     total = args.cases if args.real_background is None else None  # real scans: counted as found
     gen = D.synthetic_cases(args.cases, args.seed, real_dir=args.real_background, real_rounds=args.real_rounds,
-                            real_holdout=tuple(args.real_holdout))
-    made = {"phantoms": args.cases, "seed": args.seed, "real_background": str(args.real_background) if args.real_background else None,
+                            real_holdout=tuple(args.real_holdout), classes=args.classes)
+    made = {"phantoms": args.cases, "seed": args.seed, **({"classes": list(args.classes)} if args.classes else {}),
+            "real_background": str(args.real_background) if args.real_background else None,
             "real_rounds": args.real_rounds if args.real_background else 0, "real_holdout": list(args.real_holdout),
             "command": "dadrn-lesion dataset phantoms " + " ".join(sys.argv[3:])}
     path = D.write_dataset(args.out, gen, overwrite=args.overwrite, progress=_progress_printer(args.reporter, total, "writing"),

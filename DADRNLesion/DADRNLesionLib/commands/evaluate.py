@@ -104,7 +104,9 @@ def describe_source(source: dict | None) -> str | None:
         return None
     n, seed, real = source.get("phantoms"), source.get("phantom_seed"), source.get("real")
     if isinstance(n, int) and n > 0 and seed is not None and not real:
-        return f"{n} phantoms, seed {seed} (dadrn-lesion dataset phantoms --cases {n} --seed {seed})"
+        classes = source.get("phantom_classes")
+        of, flag = (f" of {' / '.join(classes)}", f" --classes {' '.join(classes)}") if classes else ("", "")
+        return f"{n} phantoms{of}, seed {seed} (dadrn-lesion dataset phantoms --cases {n} --seed {seed}{flag})"
     return None
 
 
