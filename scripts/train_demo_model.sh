@@ -2,7 +2,7 @@
 # The commands that made Resources/Models/dadrn_demo.safetensors and its card dadrn_demo.json.
 #
 # Two GPU runs (stages 1 and 2, each on one H100; scripts/gpu_session.sh runs the same steps inside a
-# lent machine's time budget) and one CPU run (stage 3, 2 cores), fixed seeds throughout.
+# lent machine's time budget) and two CPU runs (stages 3 and 6, 2 cores), fixed seeds throughout.
 # Stage 1, from scratch on 1040 phantoms: 16 sets of 40 (seeds 101-116) and 16 sets of 25 (seeds
 # 201-216), each cached at 224 x 224, then merged; split by case, seed 0 (625 / 208 / 207 cases).
 # DADRN-A (sigmoid, sum fusion; the better DADRN variant in docs/ablation.md) on DRN-D-22 at width
@@ -25,6 +25,8 @@
 # record names it); the liver method has changed since (docs/liver.md), so a rerun of step 5
 # makes different automatic-mask data, and the card's automatic-mask figures were re-measured
 # with the current method.
+# Stage 6, on the same CPU in bfloat16, fine-tuning stage 3's weights on stage 4's data (stage 3's
+# and 280 more phantoms) and 1230 new phantoms of HCC and FNH only (step 6); 19 epochs (86 min).
 # Usage: scripts/train_demo_model.sh [WORK_DIR]   (default runs/demo; needs about 30 GB of disk;
 # PROCS phantom generators run at a time, default: all CPUs; REAL: the real scans, default
 # ../shared/data/real)
@@ -131,7 +133,40 @@ for source in automatic reference; do
       --device cpu --out "$WORK/eval777_$source" --record-in-card "${source}_liver_mask"
 done
 
-# 6. Ship the best epoch's weights with their card (the card's sha256 covers the weights).
-cp "$WORK/train3/best.safetensors" Resources/Models/dadrn_demo.safetensors
-cp "$WORK/train3/best.json" Resources/Models/dadrn_demo.json
-echo "test figures: $WORK/train3/test/report.txt"
+# 6. Stage 6 (shipped; docs/training.md, "Stage 6"): stage 4's data (stage 3's cache and split, and
+# 280 phantoms as training cases, odd seeds with the automatic mask), 1230 phantoms of HCC and FNH
+# only (two HCC for each FNH; 270 with the automatic mask, odd seeds 2001-2053, and 960 with
+# reference masks, even seeds 2002-2192) taken in by `train --grow-from`, and stage 3's weights
+# fine-tuned on the CPU in bfloat16 (drop --cpu-bf16 where the CPU lacks it: twice the time).
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
+jobs_in_flight=0
+for s in $(seq 1101 1128) $(seq 2001 2 2053) $(seq 2002 2 2192); do
+  if [ "$s" -gt 2000 ]; then set_args=(--phantom-classes hcc hcc fnh); dir="$WORK/grow6/p$s"; else set_args=(); dir="$WORK/cache4/p$s"; fi
+  if [ $((s % 2)) -eq 1 ]; then source=automatic; else source=reference; fi
+  dadrn-lesion dataset cache --phantoms 10 --phantom-seed "$s" "${set_args[@]}" --liver-source "$source" \
+      --cache "$dir" --input-size 224 --quiet &
+  jobs_in_flight=$((jobs_in_flight + 1))
+  if [ "$jobs_in_flight" -ge "$PROCS" ]; then wait -n; jobs_in_flight=$((jobs_in_flight - 1)); fi
+done
+wait
+unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
+dadrn-lesion dataset cache --merge "$WORK/cache3/all" "$WORK"/cache4/p* --cache "$WORK/cache4/all" --input-size 224
+{ cat "$WORK/split3.csv"; for d in "$WORK"/cache4/p*; do
+    python3 -c 'import json, sys; [print(c["case_id"] + ",train") for c in json.load(open(sys.argv[1]))["cases"]]' "$d/cache.json"
+  done; } > "$WORK/split4.csv"
+dadrn-lesion train --cache "$WORK/cache4/all" --grow-from "$WORK/grow6" --input-size 224 --normal-per-case 12 \
+    --split-file "$WORK/split4.csv" --model dadrn50-a --backbone drn_d_22 --width 0.5 --dropout 0.1 --batch-size 32 \
+    --lr 0.0005 --weight-decay 0.05 --epochs 20 --samples-per-epoch 3584 --time-limit 85 --patience 0 --seed 9 \
+    --device cpu --threads 2 --cpu-bf16 --calibrate --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
+    --init-weights "$WORK/train3/best.safetensors" --out "$WORK/train6"
+dadrn-lesion evaluate --weights "$WORK/train6/best.safetensors" --cache "$WORK/cache4/all" --split-file "$WORK/split4.csv" \
+    --split test --device cpu --out "$WORK/test6" --record-in-card test
+for source in automatic reference; do
+  dadrn-lesion evaluate --weights "$WORK/train6/best.safetensors" --cache "$WORK/cache3/eval777_$source" --split all \
+      --device cpu --out "$WORK/eval777_${source}_6" --record-in-card "${source}_liver_mask"
+done
+
+# 7. Ship the best epoch's weights with their card (the card's sha256 covers the weights).
+cp "$WORK/train6/best.safetensors" Resources/Models/dadrn_demo.safetensors
+cp "$WORK/train6/best.json" Resources/Models/dadrn_demo.json
+echo "test figures: $WORK/test6/report.txt"

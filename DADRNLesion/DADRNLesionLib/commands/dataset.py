@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
 
     ph = sub.add_parser("phantoms", help="write synthetic cases (and real scans with painted-in lesions) as a data set")
     ph.add_argument("--out", required=True, type=Path, metavar="DIR")
-    ph.add_argument("--cases", type=int, required=True, help="number of phantom cases (balanced over the five classes)")
+    ph.add_argument("--cases", type=int, required=True, help="number of phantom cases (balanced over the five classes, or over --classes)")
     ph.add_argument("--seed", type=int, default=0)
     add_phantom_class_option(ph, "--classes")
     add_real_options(ph)
