@@ -126,12 +126,15 @@ dadrn-lesion train --cache "$WORK/cache3/all" --input-size 224 --normal-per-case
 dadrn-lesion evaluate --weights "$WORK/train3/best.safetensors" --cache "$WORK/cache3/all" --split-file "$WORK/split3.csv" \
     --split val --device cpu --out "$WORK/val3"
 dadrn-lesion calibrate "$WORK/val3" --weights "$WORK/train3/best.safetensors" --record-in-card
-dadrn-lesion evaluate --weights "$WORK/train3/best.safetensors" --cache "$WORK/cache3/all" --split-file "$WORK/split3.csv" \
-    --split test --device cpu --out "$WORK/test3" --record-in-card test
-for source in automatic reference; do
-  dadrn-lesion evaluate --weights "$WORK/train3/best.safetensors" --cache "$WORK/cache3/eval777_$source" --split all \
-      --device cpu --out "$WORK/eval777_$source" --record-in-card "${source}_liver_mask"
-done
+record_figures() {  # stage cache split_file: the test split and the 50 further phantoms, into the card
+  dadrn-lesion evaluate --weights "$WORK/train$1/best.safetensors" --cache "$2" --split-file "$3" \
+      --split test --device cpu --out "$WORK/test$1" --record-in-card test
+  for source in automatic reference; do
+    dadrn-lesion evaluate --weights "$WORK/train$1/best.safetensors" --cache "$WORK/cache3/eval777_$source" --split all \
+        --device cpu --out "$WORK/eval777_${source}_$1" --record-in-card "${source}_liver_mask"
+  done
+}
+record_figures 3 "$WORK/cache3/all" "$WORK/split3.csv"
 
 # 6. Stage 6 (shipped; docs/training.md, "Stage 6"): stage 4's data (stage 3's cache and split, and
 # 280 phantoms as training cases, odd seeds with the automatic mask), 1230 phantoms of HCC and FNH
@@ -159,12 +162,7 @@ dadrn-lesion train --cache "$WORK/cache4/all" --grow-from "$WORK/grow6" --input-
     --lr 0.0005 --weight-decay 0.05 --epochs 20 --samples-per-epoch 3584 --time-limit 85 --patience 0 --seed 9 \
     --device cpu --threads 2 --cpu-bf16 --calibrate --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
     --init-weights "$WORK/train3/best.safetensors" --out "$WORK/train6"
-dadrn-lesion evaluate --weights "$WORK/train6/best.safetensors" --cache "$WORK/cache4/all" --split-file "$WORK/split4.csv" \
-    --split test --device cpu --out "$WORK/test6" --record-in-card test
-for source in automatic reference; do
-  dadrn-lesion evaluate --weights "$WORK/train6/best.safetensors" --cache "$WORK/cache3/eval777_$source" --split all \
-      --device cpu --out "$WORK/eval777_${source}_6" --record-in-card "${source}_liver_mask"
-done
+record_figures 6 "$WORK/cache4/all" "$WORK/split4.csv"
 
 # 7. Ship the best epoch's weights with their card (the card's sha256 covers the weights).
 cp "$WORK/train6/best.safetensors" Resources/Models/dadrn_demo.safetensors
