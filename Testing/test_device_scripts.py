@@ -110,7 +110,8 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     # trains (GROW), and ends with the two compared on the same test split, slice by slice.
     out2 = tmp_path / "out2"
     env2 = {**env, "SEED0": "9101", "INIT": str(out / "best.safetensors"), "BUDGET_S": "150", "LIVER_SOURCE": "reference",
-            "GROW": "1", "START_S": "1", "CHUNK": "5", "WORK": str(tmp_path / "work2"), "OUT": str(out2)}
+            "GROW": "1", "START_S": "1", "CHUNK": "5", "GROW_CLASSES": "hcc", "WORK": str(tmp_path / "work2"),
+            "OUT": str(out2)}
     env2.pop("DATA_S")
     run2 = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
     assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
@@ -125,3 +126,11 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     assert made and int(made.group(2)) > 2, run2.stdout[-3000:]
     trained_on = [d["phantom_seed"] for d in card2["training"]["data"]["merged"] if "phantom_seed" in d]
     assert len(trained_on) >= 2 and set(trained_on) <= set(range(9101, 9102 + int(made.group(2)) * 2))
+    # GROW_CLASSES: each generator's first set (the start, hence validation and test) has all five
+    # classes; every later set, left in the folder training grew from, is of HCC only.
+    merged = card2["training"]["data"]["merged"]
+    assert [(d["phantom_seed"], d.get("phantom_classes")) for d in merged[:2]] == [(9101, None), (9102, None)]
+    later = sorted((tmp_path / "work2" / "stream").iterdir())
+    assert later and all(d.name.startswith("c") for d in later), [d.name for d in later]
+    assert {tuple(json.loads((d / "cache.json").read_text())["source"]["phantom_classes"])
+            for d in later if (d / "cache.json").is_file()} == {("hcc",)}

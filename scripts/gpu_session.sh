@@ -22,7 +22,11 @@
 # the model trains and their sets join its training split between epochs, `train --grow-from`; the
 # run starts on the sets finished after START_S seconds, default 60, and at least START_SETS of
 # them, default PROCS, with the real cases, which also give the validation and test splits; the generators stop starting sets that would end after
-# the training; default PROCS there: CPU count - 2, leaving cores to the training process).
+# the training; default PROCS there: CPU count - 2, leaving cores to the training process),
+# GROW_CLASSES (with GROW: the classes of every set after each generator's first, e.g. "hcc hcc fnh"
+# for two HCC phantoms to each FNH, `--phantom-classes`; those sets join the training split only, so
+# the validation and test splits, made of the first sets and the real cases, keep all five classes;
+# default: all five classes in every set).
 # SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
 # with scripts/pack_device_carry.sh).
@@ -47,6 +51,7 @@ REAL_ROUNDS=${REAL_ROUNDS:-6}
 REAL_SEED=${REAL_SEED:-$SEED0}
 REAL_HOLDOUT=${REAL_HOLDOUT:-ts_native_sm}
 INIT=${INIT:-}
+GROW_CLASSES=$([ "$GROW" = 1 ] && echo "${GROW_CLASSES:-}" || true)
 LIVER_SOURCE=${LIVER_SOURCE:-reference}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
@@ -83,9 +88,13 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 # With GROW the sets are written into stream/, which training watches; else into cache/.
 SET_DIR=$([ "$GROW" = 1 ] && echo "$WORK/stream" || echo "$WORK/cache")
 RESERVE_S=$([ -n "$INIT" ] && echo 90 || echo 60)  # after training: the test evaluation and packing
-phantom_set() {  # seed cases liver-source
-  "${DADRN[@]}" dataset cache --phantoms "$2" --phantom-seed "$1" --cache "$SET_DIR/p$1" --liver-source "$3" \
-      --input-size "$SIZE" --quiet >>"$WORK/logs/data_p$1.txt" 2>&1
+phantom_set() {  # seed cases liver-source [class ...]; a set of chosen classes is named c<seed>, not p<seed>,
+  # so that the start of a GROW run, which takes the p sets, never takes one into its validation split
+  local seed=$1 cases=$2 source=$3 name=p$1 classes=()
+  shift 3
+  if [ $# -gt 0 ]; then name=c$seed; classes=(--phantom-classes "$@"); fi
+  "${DADRN[@]}" dataset cache --phantoms "$cases" --phantom-seed "$seed" ${classes[@]+"${classes[@]}"} --cache "$SET_DIR/$name" \
+      --liver-source "$source" --input-size "$SIZE" --quiet >>"$WORK/logs/data_p$seed.txt" 2>&1
 }
 liver_source_of() {  # generator index
   case "$LIVER_SOURCE" in mixed) [ $(($1 % 2)) = 1 ] && echo automatic || echo reference ;; *) echo "$LIVER_SOURCE" ;; esac
@@ -99,12 +108,14 @@ fi
 if [ -n "${DATA_S:-}" ]; then
   CHUNK=${CHUNK:-10}
   DATA_END=$(( $(date +%s) + DATA_S ))
-  log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s, liver masks: $LIVER_SOURCE"
+  log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s, liver masks: $LIVER_SOURCE${GROW_CLASSES:+; sets after the first of each generator: $GROW_CLASSES}"
   for i in $(seq 0 $((PROCS - 1))); do
     # A set starts only if one as long as this generator's last still ends by the deadline (a set of
     # ten with automatic masks takes over a minute: checking the start alone overran DATA_S by 73 s).
     ( r=0; last=0; while [ $(( $(date +%s) + last )) -le "$DATA_END" ] && [ ! -f "$WORK/stop_generators" ]; do
-        t=$(date +%s); phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK" "$(liver_source_of $i)"; last=$(( $(date +%s) - t )); r=$((r + 1))
+        t=$(date +%s); set_classes=$([ "$r" -gt 0 ] && echo "$GROW_CLASSES" || true)
+        # shellcheck disable=SC2086  # the classes are words
+        phantom_set $((SEED0 + i + PROCS * r)) "$CHUNK" "$(liver_source_of $i)" $set_classes; last=$(( $(date +%s) - t )); r=$((r + 1))
       done ) &
   done
 else
@@ -126,9 +137,12 @@ if [ "$GROW" = 1 ]; then
   # cases): those sets move from stream/ into cache/; the generators go on writing into stream/.
   sleep "$(( START_S > 0 ? START_S : 0 ))"
   [ -n "${REAL_PID:-}" ] && wait "$REAL_PID"
-  # ... and at least START_SETS sets (default: one per generator, so both liver masks of `mixed`).
+  # ... and at least START_SETS sets (default: one per generator, so both liver masks of `mixed`;
+  # with GROW_CLASSES no more than one per generator, the only sets of all five classes).
+  START_SETS=${START_SETS:-$PROCS}
+  [ -n "$GROW_CLASSES" ] && [ "$START_SETS" -gt "$PROCS" ] && START_SETS=$PROCS
   finished() { ls "$SET_DIR"/p*/cache.json 2>/dev/null | wc -l; }
-  until [ "$(finished)" -ge "${START_SETS:-$PROCS}" ] || [ "$(left)" -le "$RESERVE_S" ]; do sleep 2; done
+  until [ "$(finished)" -ge "$START_SETS" ] || [ "$(left)" -le "$RESERVE_S" ]; do sleep 2; done
   mkdir -p "$WORK/cache"
   for d in "$SET_DIR"/p[0-9]*; do [ -f "$d/cache.json" ] && mv "$d" "$WORK/cache/"; done
 else
@@ -139,7 +153,7 @@ for d in "$WORK"/cache/p[0-9]*; do [ -f "$d/cache.json" ] && parts+=("$d"); done
 START_SEEDS=$(for d in "${parts[@]}"; do basename "$d"; done | sed 's/^p//')
 log_seeds() {  # every phantom set finished: merged at the start, and (GROW) written into stream/ since
   local s
-  s=$( { echo "$START_SEEDS"; for d in "$WORK"/stream/p[0-9]*; do [ -f "$d/cache.json" ] && basename "$d" | sed 's/^p//'; done; } \
+  s=$( { echo "$START_SEEDS"; for d in "$WORK"/stream/[pc][0-9]*; do [ -f "$d/cache.json" ] && basename "$d" | sed 's/^[pc]//'; done; } \
       | grep -v '^$' | sort -n)
   [ -n "$s" ] && log "phantom seeds used: $(echo "$s" | head -1)-$(echo "$s" | tail -1) ($(echo "$s" | wc -l) sets); the next session's SEED0 must lie above"
 }
