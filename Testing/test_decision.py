@@ -1,5 +1,5 @@
-"""The decision rule: the normal-logit offset, chosen on validation slices, taken alike by Grad-CAM,
-the pipeline, `evaluate` and `calibrate`."""
+"""The decision rule: the normal-logit offset and the slice context, chosen on validation slices,
+taken alike by Grad-CAM, the pipeline, `evaluate` and `calibrate`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from DADRNLesionLib import data as D
 from DADRNLesionLib.cam import GradCAM
 from DADRNLesionLib.classes import CLASS_NAMES
 from DADRNLesionLib.cli import main
-from DADRNLesionLib.decision import adjust_probabilities, card_offset, choose_offset
+from DADRNLesionLib.decision import adjust_probabilities, card_offset, card_slice_context, choose_decision, context_probabilities, decide
 from DADRNLesionLib.errors import WeightsError
 from DADRNLesionLib.pipeline import PipelineOptions, run_pipeline
 from DADRNLesionLib.preprocess import InputSpec
@@ -40,13 +40,13 @@ def test_the_offset_chosen_on_slices_with_too_many_false_lesions_favours_normal(
     probs[np.arange(labels.size), labels] = 0.6  # right, but ...
     fooled = rng.random(400) < 0.3  # ... 30 % of the normal slices lean to a lesion class, weakly
     probs[:400][fooled] = [0.35, 0.05, 0.45, 0.1, 0.05]
-    choice = choose_offset(labels, probs)
+    choice = choose_decision(labels, probs)
     assert choice["at_zero"]["class_accuracy"]["normal"] == pytest.approx(1 - fooled.mean())
     assert 0.3 <= choice["normal_logit_offset"] <= 1.6  # enough to flip 0.45 vs 0.35, not the lesions' 0.6 vs 0.1
     assert choice["chosen"]["class_accuracy"]["normal"] == 1.0 and choice["chosen"]["class_accuracy"]["fnh"] == 1.0
     assert choice["chosen"]["macro_f1"] > choice["at_zero"]["macro_f1"]
     with pytest.raises(ValueError, match="normal and lesion"):
-        choose_offset(labels[:400], probs[:400])
+        choose_decision(labels[:400], probs[:400])
 
 
 def test_gradcam_decides_with_the_offset_and_explains_the_class_it_decided(tiny_model):
@@ -142,3 +142,127 @@ def test_training_with_calibrate_records_the_offset_it_chose_on_every_validation
     # The test split was scored with that offset: the same network, its recorded decision.
     m = json.loads((tmp_path / "run" / "test" / "metrics.json").read_text())
     assert m["normal_logit_offset"] == decision["normal_logit_offset"]
+
+
+def _lesion_run(rng, n=40, lesion=range(12, 28)):
+    """One study of `n` slices 2 mm apart: normal but for a lesion (class 3, HCC) on `lesion`, which
+    the network sees faintly: each of its slices leans to HCC only a little, with noise."""
+    labels = np.zeros(n, np.int64)
+    labels[list(lesion)] = 3
+    logits = rng.normal(0.0, 0.8, (n, 5))
+    logits[:, 0] += 2.0
+    logits[labels == 3, 3] += 2.6  # a little above normal: alone, a quarter of the lesion slices are missed
+    p = np.exp(logits)
+    return labels, p / p.sum(axis=1, keepdims=True), np.arange(n) * 2.0
+
+
+def test_the_slice_context_lets_a_faint_lesions_slices_outvote_the_noise_of_each():
+    rng = np.random.default_rng(3)
+    labels, probs, z = _lesion_run(rng)
+    alone = probs.argmax(axis=1)
+    together = decide(probs, 0.0, 4.0, z, np.zeros(z.size)).argmax(axis=1)
+    inside, outside = labels == 3, labels == 0
+    assert (alone[inside] == 3).mean() < 0.8 and (together[inside] == 3).mean() > (alone[inside] == 3).mean()
+    assert (alone[outside] == 0).mean() < 0.95 and (together[outside] == 0).mean() == 1.0
+    # 0 mm is the slice alone; the rows stay probabilities; a study never votes on another's slices.
+    np.testing.assert_allclose(decide(probs, 0.7, 0.0, z, np.zeros(z.size)), adjust_probabilities(probs, 0.7))
+    smoothed = context_probabilities(probs, z, np.zeros(z.size), 4.0)
+    np.testing.assert_allclose(smoothed.sum(axis=1), 1.0)
+    two = context_probabilities(np.concatenate([probs, probs[::-1]]), np.concatenate([z, z]), np.repeat([0, 1], z.size), 4.0)
+    np.testing.assert_allclose(two[: z.size], smoothed)
+    np.testing.assert_allclose(two[z.size :], context_probabilities(probs[::-1], z, np.zeros(z.size), 4.0))
+
+
+def test_choosing_the_rule_takes_a_context_only_where_it_helps():
+    rng = np.random.default_rng(4)
+    runs = [_lesion_run(rng) for _ in range(6)]
+    labels = np.concatenate([r[0] for r in runs])
+    probs = np.concatenate([r[1] for r in runs])
+    z = np.concatenate([r[2] for r in runs])
+    groups = np.repeat(np.arange(6), runs[0][0].size)
+    choice = choose_decision(labels, probs, z_mm=z, groups=groups, context_grid=(0.0, 2.0, 4.0))
+    assert choice["slice_context_mm"] > 0 and choice["contexts_tried"] == [0.0, 2.0, 4.0]
+    alone = max(r["macro_f1"] for r in choice["curve"] if r["slice_context_mm"] == 0)
+    assert choice["chosen"]["macro_f1"] > alone
+    # Slices in a random order of z carry no lesion along z: the context then only blurs, and is refused.
+    shuffled = rng.permutation(z.size)
+    choice = choose_decision(labels, probs, z_mm=z[shuffled], groups=groups, context_grid=(0.0, 2.0, 4.0))
+    assert choice["slice_context_mm"] == 0.0
+    with pytest.raises(ValueError, match="position and study"):
+        choose_decision(labels, probs, context_grid=(0.0, 2.0))
+
+
+def test_the_pipeline_decides_in_the_cards_slice_context_and_explains_each_slice_by_its_new_class():
+    import copy
+
+    ct, liver, les = case_with_lesions()
+    liver = D.prepare_case("case", ct, liver, les).liver
+    opts = PipelineOptions(device="cpu", batch_size=4)
+    model = random_model({"backbone": "drn_d_22", "width": 0.25, "attention": "dual"}, InputSpec(size=64), seed=5)
+    model.card.extra["decision"] = {"normal_logit_offset": -6.0}  # every slice some lesion class, by its own vote
+    alone = run_pipeline(ct, liver_mask=liver, model=model, options=opts)
+    classes_alone = [s.predicted_class for s in alone.slices]
+    assert "normal" not in classes_alone and len(set(classes_alone)) > 1, "the random model should disagree with itself"
+    model.card.extra["decision"] = {"normal_logit_offset": -6.0, "slice_context_mm": 30.0}  # the whole liver votes
+    together = run_pipeline(ct, liver_mask=liver, model=model, options=opts)
+    assert together.report["model"]["slice_context_mm"] == 30.0
+    classes = [s.predicted_class for s in together.slices]
+    assert len(set(classes)) == 1 and classes != classes_alone and classes[0] != "normal"
+    for s in together.slices:  # the probabilities reported are those the class was decided on
+        np.testing.assert_allclose(s.probabilities.sum(), 1.0, rtol=1e-5)
+        assert CLASS_NAMES[int(np.argmax(s.probabilities))] == s.predicted_class
+    # Every map is Grad-CAM's for the decided class, also where the slice alone chose another: the same
+    # maps as a model that picks that class on every slice by a bias, which moves no gradient.
+    biased = copy.deepcopy(model)
+    biased.card.extra.pop("decision")
+    with torch.no_grad():
+        biased.model.fc.bias[CLASS_NAMES.index(classes[0])] += 100.0
+    forced = run_pipeline(ct, liver_mask=liver, model=biased, options=opts)
+    assert {s.predicted_class for s in forced.slices} == {classes[0]}
+    np.testing.assert_allclose(together.heatmap.array, forced.heatmap.array, atol=1e-5)
+    np.testing.assert_array_equal(together.labelmap.array, forced.labelmap.array)
+    for bad in (-1.0, float("nan"), 31.0, "wide"):
+        model.card.extra["decision"] = {"normal_logit_offset": 0.0, "slice_context_mm": bad}
+        with pytest.raises(WeightsError, match="slice_context_mm"):
+            card_slice_context(model.card)
+
+
+def test_calibrate_chooses_the_slice_context_from_the_evaluations_slice_positions(tmp_path):
+    import csv
+
+    cache = toy_cache()
+    cache.save(tmp_path / "cache")
+    loaded = random_model({"backbone": "drn_d_22", "width": 0.125, "attention": "dual"}, InputSpec(size=SIZE), seed=0)
+    weights = save_checkpoint(loaded.model, tmp_path / "m.safetensors", loaded.card)
+
+    def evaluate(out, *extra):
+        return main(["evaluate", "--weights", str(weights), "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / out),
+                     "--device", "cpu", "--quiet", *extra])
+
+    assert evaluate("all") == 0
+    with open(tmp_path / "all" / "slices.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    spacing = {c["case_id"]: c["spacing"][2] for c in cache.cases}
+    assert [float(r["axial_frame_z_mm"]) for r in rows] == [int(r["axial_frame_slice_index"]) * spacing[r["case_id"]] for r in rows]
+    assert main(["calibrate", str(tmp_path / "all"), "--weights", str(weights), "--record-in-card", "--quiet",
+                 "--slice-context-grid", "0", "2", "5"]) == 0
+    choice = json.loads((tmp_path / "all" / "calibration.json").read_text())
+    assert choice["contexts_tried"] == [0.0, 2.0, 5.0] and {r["slice_context_mm"] for r in choice["curve"]} == {0.0, 2.0, 5.0}
+    card = load_checkpoint(weights).card
+    assert card_slice_context(card) == choice["slice_context_mm"] and card.extra["decision"]["slice_context_mm"] in (0.0, 2.0, 5.0)
+    # An evaluation decided in a context cannot be taken apart slice by slice again: refused, with what to do.
+    assert evaluate("wide", "--slice-context-mm", "5") == 0
+    assert json.loads((tmp_path / "wide" / "metrics.json").read_text())["slice_context_mm"] == 5.0
+    assert main(["calibrate", str(tmp_path / "wide"), "--quiet"]) == 2
+    assert main(["calibrate", str(tmp_path / "all"), "--quiet", "--slice-context-grid", "-1"]) == 2
+    assert evaluate("bad", "--slice-context-mm", "40") == 2
+    # An evaluation from before the slice context (no positions) still calibrates the offset alone.
+    with open(tmp_path / "all" / "slices.csv", newline="") as fh:
+        old = [{k: v for k, v in r.items() if k != "axial_frame_z_mm"} for r in csv.DictReader(fh)]
+    with open(tmp_path / "all" / "slices.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(old[0]))
+        w.writeheader()
+        w.writerows(old)
+    assert main(["calibrate", str(tmp_path / "all"), "--quiet"]) == 0
+    choice = json.loads((tmp_path / "all" / "calibration.json").read_text())
+    assert choice["contexts_tried"] == [0.0] and choice["slice_context_mm"] == 0.0

@@ -167,3 +167,35 @@ def test_recorded_phantom_data_is_named_by_its_seed_not_a_path():
     assert describe_source({**phantoms, "real": "../shared/data/real"}) is None  # painted-in scans: not from the seed alone
     assert describe_source({"merged": [phantoms, phantoms]}) is None
     assert describe_source({"phantoms": 0, "phantom_seed": 801}) is None and describe_source(None) is None
+
+
+def test_in_a_slice_context_each_slice_is_scored_with_the_map_of_the_class_decided_for_it():
+    from DADRNLesionLib.cam import GradCAM
+    from DADRNLesionLib.preprocess import CAM_SMOOTHING_CELLS
+
+    ct, liver, les = case_with_lesions()
+    flip = [v.with_array(np.ascontiguousarray(v.array[::-1])) for v in (ct, liver, les)]
+    loaded = random_model({"backbone": "drn_d_22", "width": 0.25, "attention": "dual"}, InputSpec(size=64), seed=2)
+    cache = D.build_cache([D.prepare_case("case", ct, liver, les), D.prepare_case("flipped", *flip)], loaded.card.input)
+    alone = evaluate_cache(loaded.model, cache, batch_size=4, normal_offset=-6.0)
+    result = evaluate_cache(loaded.model, cache, batch_size=4, normal_offset=-6.0, slice_context_mm=30.0)
+    assert result.summary["slice_context_mm"] == 30.0 and alone.summary["slice_context_mm"] == 0.0
+    changed = (result.predicted != alone.predicted) & result.scored
+    assert changed.any(), "a whole-case vote should overrule some lesion slices of this random model"
+    x = torch.from_numpy(np.asarray(cache.images)).float().div_(255.0)
+    maps = GradCAM(loaded.model)(x, target=torch.from_numpy(result.predicted)).cams
+    assert result.scored.sum() == 6
+    for n in np.flatnonzero(result.scored):
+        if result.predicted[n] == 0:
+            assert not result.hit[n] and result.iou[n] == 0.0
+            continue
+        hit, iou, _, centre = localise(maps[n], cache.masks[n], 0.5, CAM_SMOOTHING_CELLS)
+        assert (result.hit[n], result.centre_hit[n]) == (hit, centre) and result.iou[n] == pytest.approx(iou)
+        if changed[n]:  # scored anew: the map the slice alone was decided with gives another region
+            assert alone.iou[n] != pytest.approx(iou)
+    np.testing.assert_array_equal(result.hit_true, alone.hit_true)  # the true-class pointing is the decision's own
+    # Cases vote apart: each case's decision is that of the case evaluated alone.
+    for case in ("case", "flipped"):
+        rows = cache.indices_of_cases([case])
+        own = evaluate_cache(loaded.model, cache, rows, batch_size=4, normal_offset=-6.0, slice_context_mm=30.0)
+        np.testing.assert_array_equal(own.predicted, result.predicted[rows])

@@ -162,6 +162,11 @@ dadrn-lesion train --cache "$WORK/cache4/all" --grow-from "$WORK/grow6" --input-
     --lr 0.0005 --weight-decay 0.05 --epochs 20 --samples-per-epoch 3584 --time-limit 85 --patience 0 --seed 9 \
     --device cpu --threads 2 --cpu-bf16 --calibrate --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
     --init-weights "$WORK/train3/best.safetensors" --out "$WORK/train6"
+# The decision rule as shipped: offset and slice context chosen afresh in float32 on the validation
+# cases (docs/training.md, "The slice context"); --calibrate above chose them in bfloat16.
+dadrn-lesion evaluate --weights "$WORK/train6/best.safetensors" --cache "$WORK/cache4/all" --split-file "$WORK/split4.csv" \
+    --split val --normal-offset 0 --slice-context-mm 0 --device cpu --out "$WORK/val6"
+dadrn-lesion calibrate "$WORK/val6" --weights "$WORK/train6/best.safetensors" --record-in-card
 record_figures 6 "$WORK/cache4/all" "$WORK/split4.csv"
 
 # 7. Ship the best epoch's weights with their card (the card's sha256 covers the weights).

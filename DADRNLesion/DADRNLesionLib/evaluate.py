@@ -37,6 +37,7 @@ from .bootstrap import format_interval, patient_bootstrap
 from .cam import GradCAM
 from .classes import CLASS_NAMES, LESION_CLASSES
 from .data import SliceCache
+from .decision import adjust_probabilities, decide
 from .precision import uses_channels_last
 from .preprocess import CAM_SMOOTHING_CELLS, smooth_maps
 from .metrics import (
@@ -72,6 +73,8 @@ class EvalResult:
     cam_threshold: float = 0.5
     cam_smoothing: float = 0.0  # Gaussian sigma of the heatmap in cells of the model's map (`preprocess.smooth_maps`)
     normal_offset: float = 0.0  # the decision rule's normal-logit offset (`decision`; 0: the network's argmax)
+    slice_context_mm: float = 0.0  # the decision rule's slice context (`decision`; 0: each slice alone)
+    z_mm: Optional[np.ndarray] = None  # (N,) position along the axial frame's slice axis (slice index x spacing)
     patient_id: Optional[np.ndarray] = None  # (N,) str; None: each case its own patient
     subgroup: Optional[np.ndarray] = None  # (N,) str, "" where none (e.g. a phantom's "hard" / "regular")
     summary: dict[str, Any] = field(default_factory=dict)
@@ -156,10 +159,14 @@ def evaluate_cache(
     cam_threshold: float = 0.5,
     cam_smoothing: float = CAM_SMOOTHING_CELLS,
     normal_offset: float = 0.0,
+    slice_context_mm: float = 0.0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> EvalResult:
     """Classify and localise the cache's slices at `indices` (default: all), deciding each slice's
-    class with the normal-logit offset `normal_offset` (`decision`), as `classify` does with the card's."""
+    class with the normal-logit offset and slice context (`decision`), as `classify` does with the card's.
+
+    The context reaches over the cache's slices of each case; a cache keeps no excluded slices
+    (lesion poles), so there it spans a gap that `classify`, which sees every liver slice, fills."""
     device = torch.device(device)
     idx = np.arange(len(cache)) if indices is None else np.asarray(indices, dtype=np.int64)
     model = model.to(device).eval()
@@ -177,36 +184,55 @@ def evaluate_cache(
     scored = np.zeros(n, bool)
     centre_hit = np.zeros(n, bool)
     labels = cache.labels[idx]
+    case_of = cache.case[idx]
+    z_mm = cache.slice_index[idx] * np.array([float(cache.cases[c]["spacing"][2]) for c in case_of]) if n else np.zeros(0)
+
+    def images(rows: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(cache.images[idx[rows]])).to(device).float().div_(255.0)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+    def score(rows: np.ndarray, pred: np.ndarray, out) -> None:
+        """Localisation of the lesion slices among `rows` by `out`, the maps of their classes `pred`."""
+        for r, row in enumerate(rows):
+            masks = cache.masks.get(int(idx[row])) if labels[row] > 0 else None
+            if masks is None:  # a normal slice, or labelled from a table: no lesion outline to score against
+                continue
+            scored[row] = True
+            box = cache.cases[int(case_of[row])]["box"]
+            hit[row], centre_hit[row], peak[row] = False, False, (-1, -1)
+            if pred[r] != 0:
+                h, v, (pr, pc), ch = localise(out.cams[r], masks, cam_threshold, cam_smoothing)
+                hit[row], iou[row], centre_hit[row] = h, v, ch
+                if pr >= 0:
+                    peak[row] = (box[2] + pc, box[0] + pr)
+            else:
+                iou[row] = 0.0
+
     for s in range(0, n, batch_size):
         rows = np.arange(s, min(n, s + batch_size))
-        x = torch.from_numpy(np.asarray(cache.images[idx[rows]])).to(device).float().div_(255.0)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = images(rows)
         out = cam(x)
         probs[rows] = out.probabilities.cpu().numpy()
-        pred = out.target.cpu().numpy()
+        score(rows, out.target.cpu().numpy(), out)
         lesion_rows = np.flatnonzero(labels[rows] > 0)
         if lesion_rows.size:
             true_out = cam(x[torch.from_numpy(lesion_rows).to(device)], target=torch.from_numpy(labels[rows][lesion_rows]))
         for pos, r in enumerate(lesion_rows):
-            sample = int(idx[rows[r]])
-            masks = cache.masks.get(sample)
-            if masks is None:  # labelled from a table: no lesion outline to score against
-                continue
-            scored[rows[r]] = True
-            box = cache.cases[int(cache.case[sample])]["box"]
-            if pred[r] != 0:
-                h, v, (pr, pc), ch = localise(out.cams[r], masks, cam_threshold, cam_smoothing)
-                hit[rows[r]], iou[rows[r]], centre_hit[rows[r]] = h, v, ch
-                if pr >= 0:
-                    peak[rows[r]] = (box[2] + pc, box[0] + pr)
-            else:
-                iou[rows[r]] = 0.0
-            h, v, _, _ = localise(true_out.cams[pos], masks, cam_threshold, cam_smoothing)
-            hit_true[rows[r]], iou_true[rows[r]] = h, v
+            masks = cache.masks.get(int(idx[rows[r]]))
+            if masks is not None:
+                h, v, _, _ = localise(true_out.cams[pos], masks, cam_threshold, cam_smoothing)
+                hit_true[rows[r]], iou_true[rows[r]] = h, v
         if progress is not None:
             progress(int(rows[-1]) + 1, n)
-    case_of = cache.case[idx]
+    if slice_context_mm > 0 and n:
+        before = probs.argmax(axis=1)
+        probs = decide(adjust_probabilities(probs, -normal_offset), normal_offset, slice_context_mm, z_mm, case_of).astype(np.float32)
+        after = probs.argmax(axis=1)
+        changed = np.flatnonzero((before != after) & (labels > 0))
+        for s in range(0, changed.size, batch_size):
+            rows = changed[s : s + batch_size]
+            out = cam(images(rows), target=torch.from_numpy(after[rows]))
+            score(rows, after[rows], out)
     result = EvalResult(
         case_id=np.array([cache.cases[c]["case_id"] for c in case_of], dtype=object),
         group=np.array([cache.cases[c]["group"] or "" for c in case_of], dtype=object),
@@ -225,6 +251,8 @@ def evaluate_cache(
         cam_threshold=cam_threshold,
         cam_smoothing=float(cam_smoothing),
         normal_offset=float(normal_offset),
+        slice_context_mm=float(slice_context_mm),
+        z_mm=z_mm,
         patient_id=np.array([cache.cases[c].get("patient_id") or cache.cases[c]["case_id"] for c in case_of], dtype=object),
         subgroup=np.array([cache.cases[c].get("subgroup") or "" for c in case_of], dtype=object),
     )
@@ -256,6 +284,7 @@ def _scope_summary(r: EvalResult, sel: np.ndarray) -> dict[str, Any]:
 def summarise(r: EvalResult) -> dict[str, Any]:
     out: dict[str, Any] = {"all": _scope_summary(r, np.ones(r.labels.size, bool)), "cam_threshold": r.cam_threshold,
                            "cam_smoothing_cells": r.cam_smoothing, "normal_logit_offset": r.normal_offset,
+                           "slice_context_mm": r.slice_context_mm,
                            "definitions": {
                                "class accuracy": "recall of the class: correct slices of the class / slices of the class",
                                "pointing": "CAM peak of the predicted class inside the lesion dilated by 2 voxels in-plane, "
@@ -267,6 +296,8 @@ def summarise(r: EvalResult) -> dict[str, Any]:
                                "normal_logit_offset": "added to the normal class's logit before the class is decided (prior "
                                                       "correction, chosen on validation data; 0: the network's own argmax); "
                                                       "the probabilities in slices.csv are those after it",
+                               "slice_context_mm": "sigma along the slice axis of the Gaussian average of each slice's log-probabilities "
+                                                   "over its case's slices, taken before the offset (0: each slice alone)",
                                "interval": "percentile interval over resamples of the patients (with replacement, all slices of a "
                                            "patient together; level and count in each scope's interval); none with fewer than two patients",
                            }}
@@ -355,7 +386,7 @@ def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path
         w = csv.writer(fh)
         w.writerow(["case_id", "group", "slice_index", "axial_frame_slice_index", "label", "predicted", *(f"p_{c}" for c in CLASS_NAMES),
                     "pointing_hit", "cam_iou", "pointing_hit_true_class", "axial_frame_cam_peak_i", "axial_frame_cam_peak_j",
-                    "hot_spot_centre_hit", "patient_id", "subgroup"])
+                    "hot_spot_centre_hit", "patient_id", "subgroup", "axial_frame_z_mm"])
         patients = result.patients
         for n in range(result.labels.size):
             lesion = bool(result.scored[n])
@@ -368,6 +399,7 @@ def write_report(result: EvalResult, out_dir: PathLike, title: str = "") -> Path
                 int(result.peak_ij[n, 0]) if result.peak_ij[n, 0] >= 0 else "", int(result.peak_ij[n, 1]) if result.peak_ij[n, 1] >= 0 else "",
                 int(result.centre_hit[n]) if lesion else "",
                 patients[n], "" if result.subgroup is None else result.subgroup[n],
+                f"{result.z_mm[n]:.3f}" if result.z_mm is not None else "",
             ])
     plot_confusion(np.array(result.summary["all"]["classification"]["confusion_matrix"]), out / "confusion.png",
                    f"{title} (all)" if title else "")

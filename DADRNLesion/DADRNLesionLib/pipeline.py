@@ -22,7 +22,7 @@ import torch
 from . import __version__
 from .cam import GradCAM, normalise_per_slice
 from .classes import CLASS_NAMES, LIVER_VALUE, label_value_of_class
-from .decision import card_offset
+from .decision import adjust_probabilities, card_offset, card_slice_context, decide
 from .errors import Cancelled, UserInputError, WeightsError
 from .liver_check import check_liver_mask
 from .orientation import to_axial_frame
@@ -252,6 +252,17 @@ def run_pipeline(
             f"the model gave non-finite probabilities on {int((~np.isfinite(probs).all(axis=1)).sum())} slice(s): its weights "
             "hold NaN/infinite values (use another checkpoint), or half precision overflowed on the GPU (try --no-amp)"
         )
+    context = card_slice_context(loaded.card)
+    if context > 0 and len(slices):
+        t = time.perf_counter()
+        offset = card_offset(loaded.card)
+        in_context = decide(adjust_probabilities(probs, -offset), offset, context, np.asarray(slices) * axial.spacing[2],
+                            np.zeros(len(slices)))
+        with _threads(options.threads, device):
+            _explain_changed(axial.array, liver, np.asarray(slices), probs.argmax(axis=1), in_context.argmax(axis=1), heat, box, spec,
+                             cam, device, batch, options.cam_smoothing)
+        probs = in_context.astype(np.float32)
+        timings["postprocess"] += time.perf_counter() - t  # the context decision and the maps it redid
 
     # -- label map and per-slice table -----------------------------------------------------
     t = time.perf_counter()
@@ -345,6 +356,23 @@ def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress,
     return heat, probs, batch, stage_t
 
 
+def _explain_changed(ct, liver, slices, before, after, heat, box, spec, cam, device, batch, smoothing) -> None:
+    """Bring `heat` in line with the classes the slice context decided: no map on a slice now
+    normal, the map of its new class on a slice whose lesion class changed."""
+    changed = np.flatnonzero(before != after)
+    heat[slices[changed[after[changed] == 0]]] = 0.0
+    redo = changed[after[changed] != 0]
+    channels_last = uses_channels_last(device, cam.amp_dtype)
+    for start in range(0, redo.size, batch):
+        rows = redo[start : start + batch]
+        x = prepare_batch(ct, liver, slices[rows], box, spec, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = cam(x, target=torch.from_numpy(after[rows]))
+        placed = maps_to_slices(out.cams, box, liver.shape[1:], smoothing)
+        heat[slices[rows]] = normalise_per_slice(placed * liver[slices[rows]])
+
+
 # How much lower a card's slice accuracy with the automatic liver mask may be than with reference
 # masks before `classify` says so: about the width of a 50-patient test set's 95 % interval.
 AUTOMATIC_MASK_TOLERANCE = 0.03
@@ -405,6 +433,7 @@ def _report(ct, liver, results, loaded, device, amp_dtype, batch, options, timin
             "input": card.input.to_dict(),
             # the prior correction the classes were decided with (0: the network's own argmax)
             "normal_logit_offset": card_offset(card),
+            "slice_context_mm": card_slice_context(card),
         },
         "device": {
             "name": str(device),

@@ -366,7 +366,7 @@ def _validate(model, cache: SliceCache, idx: np.ndarray, device, amp_dtype, batc
 def _calibrate(net, cache: SliceCache, split: dict[str, str], device, amp_dtype, batch: int, say) -> Optional[dict[str, Any]]:
     """The card's decision rule, chosen on every labelled slice of the validation cases (normal
     slices not thinned); None, with a message, where those slices cannot decide it."""
-    from .decision import choose_offset, decision_record
+    from .decision import SLICE_CONTEXT_GRID_MM, choose_decision, decision_record
 
     idx = cache.indices_of_cases([c for c, s in split.items() if s == "val"])
     net = net.to(device).eval()
@@ -377,12 +377,14 @@ def _calibrate(net, cache: SliceCache, split: dict[str, str], device, amp_dtype,
             logits = net(x)
         probs[s : s + x.shape[0]] = torch.softmax(logits.float(), dim=1).cpu().numpy()
     try:
-        choice = choose_offset(cache.labels[idx], probs)
+        z_mm = cache.slice_index[idx] * np.array([float(cache.cases[c]["spacing"][2]) for c in cache.case[idx]])
+        choice = choose_decision(cache.labels[idx], probs, z_mm=z_mm, groups=cache.case[idx], context_grid=SLICE_CONTEXT_GRID_MM)
     except ValueError as exc:
         say(f"decision rule not calibrated ({exc}): the card keeps the network's own argmax")
         return None
     best, zero = choice["chosen"], choice["at_zero"]
-    say(f"decision rule: normal-logit offset {choice['normal_logit_offset']:+.1f} (every labelled validation slice, {idx.size}: "
+    say(f"decision rule: normal-logit offset {choice['normal_logit_offset']:+.1f}, slice context {choice['slice_context_mm']:g} mm "
+        f"(every labelled validation slice, {idx.size}: "
         f"accuracy {zero['accuracy']:.3f} -> {best['accuracy']:.3f}, macro F1 {zero['macro_f1']:.3f} -> {best['macro_f1']:.3f})")
     return decision_record(choice, {"split": "val", "during": "training"})
 
@@ -788,7 +790,8 @@ def train(
                 from .evaluate import evaluate_cache, write_report
 
                 result = evaluate_cache(net, test_cache, test_idx, device=dev, amp_dtype=amp_dtype, batch_size=cfg.eval_batch_size,
-                                        normal_offset=decision["normal_logit_offset"] if decision else 0.0)
+                                        normal_offset=decision["normal_logit_offset"] if decision else 0.0,
+                                        slice_context_mm=decision["slice_context_mm"] if decision else 0.0)
                 write_report(result, out / "test", title=f"{model_id}: test split")
                 metrics["test"] = result.card_metrics()
                 summary["test"] = result.summary["all"]

@@ -37,6 +37,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--normal-offset", type=float, metavar="B",
                    help="add B to the normal class's logit before deciding each slice's class (prior correction); "
                         "default: the model card's decision.normal_logit_offset (0 where it has none, the network's own argmax, as in the paper)")
+    p.add_argument("--slice-context-mm", type=float, metavar="MM",
+                   help="decide each slice with its case's neighbouring slices: the Gaussian sigma (mm along the slice axis) of "
+                        "the average of their log-probabilities; default: the model card's decision.slice_context_mm (0 where "
+                        "it has none: each slice alone)")
     p.add_argument("--record-in-card", metavar="NAME",
                    help="also store the figures in the model card's metrics under NAME (e.g. test); the weights and their sha256 are unchanged")
     add_common_options(p)
@@ -47,7 +51,7 @@ def run(args) -> int:
     import math
 
     from ..data import read_split
-    from ..decision import MAX_ABS_OFFSET, card_offset
+    from ..decision import MAX_ABS_OFFSET, MAX_SLICE_CONTEXT_MM, card_offset, card_slice_context
     from ..evaluate import evaluate_cache, write_report
     from ..pipeline import load_model, resolve_device
     from ..precision import autocast_dtype
@@ -62,6 +66,9 @@ def run(args) -> int:
     offset = card_offset(loaded.card) if args.normal_offset is None else args.normal_offset
     if not math.isfinite(offset) or abs(offset) > MAX_ABS_OFFSET:
         raise UserInputError(f"--normal-offset must be finite and within ±{MAX_ABS_OFFSET:g}, not {offset}")
+    context = card_slice_context(loaded.card) if args.slice_context_mm is None else args.slice_context_mm
+    if not math.isfinite(context) or not 0 <= context <= MAX_SLICE_CONTEXT_MM:
+        raise UserInputError(f"--slice-context-mm must be from 0 to {MAX_SLICE_CONTEXT_MM:g}, not {context}")
     spec = loaded.card.input  # the slices are prepared as the model was trained
     cache = load_cache_from_args(args, spec, args.reporter)
     ids = [c["case_id"] for c in cache.cases]
@@ -77,12 +84,13 @@ def run(args) -> int:
     amp = autocast_dtype(device, amp_choice(args))
     args.reporter.info(describe_cache(cache))
     result = evaluate_cache(loaded.model, cache, idx, device=device, amp_dtype=amp, batch_size=args.batch_size,
-                            cam_threshold=args.cam_threshold, cam_smoothing=smoothing, normal_offset=offset, progress=lambda done, total: args.reporter("model", done, total))
+                            cam_threshold=args.cam_threshold, cam_smoothing=smoothing, normal_offset=offset, slice_context_mm=context, progress=lambda done, total: args.reporter("model", done, total))
     result.summary["evaluated_on"] = {  # what `calibrate` checks before it records an offset in a card
         "model_id": loaded.card.model_id, "weights_sha256": loaded.card.sha256,
         "split_file": str(args.split_file) if args.split_file else None, "split": args.split if args.split_file else "all",
     }
     title = f"{loaded.card.model_id} on {len(set(result.case_id.tolist()))} cases, normal-logit offset {offset:g}"
+    title += f", slice context {context:g} mm" if context else ""
     write_report(result, args.out, title=title)
     if args.record_in_card:
         from ..data import liver_methods, liver_sources
@@ -127,6 +135,7 @@ def _record(weights, name: str, result, args, liver: str = "unrecorded", methods
         "slices": "every labelled slice" if args.normal_per_case is None else f"at most {args.normal_per_case} normal slices per case",
         "liver_masks": liver,
         "normal_logit_offset": result.normal_offset,
+        "slice_context_mm": result.slice_context_mm,
         "cam_smoothing_cells": result.cam_smoothing,
     }
     if source:
