@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from DADRNLesionLib.classes import CLASS_NAMES
 from DADRNLesionLib.errors import UserInputError
 from DADRNLesionLib.io import read_volume, write_volume
 from DADRNLesionLib.orientation import to_axial_frame
@@ -195,3 +196,33 @@ def test_pipeline_outputs_lie_on_the_input_geometry(tiny, data, spacing, origin,
     assert len(res.slices) == len(liver_slice_indices(canon_liver))
     for s in res.slices:
         assert np.isclose(s.probabilities.sum(), 1.0, atol=1e-4) and np.isfinite(s.probabilities).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_in_context():
+    model = random_model({"backbone": "drn_d_22", "width": 0.25, "attention": "dual"}, InputSpec(size=32), seed=4)
+    model.card.extra["decision"] = {"normal_logit_offset": -2.0, "slice_context_mm": 6.0}
+    return model
+
+
+@settings(max_examples=8, **FAST)
+@given(data=ct_and_liver(dtypes=(np.int16, np.float32)), spacing=spacings, origin=origins, direction=directions())
+def test_in_a_slice_context_every_lesion_slice_has_the_map_of_its_class_on_the_input_geometry(tiny_in_context, data, spacing,
+                                                                                              origin, direction):
+    ct_array, liver_array = data
+    ct = Volume(ct_array, spacing, origin, direction)
+    res = run_pipeline(ct, liver_mask=ct.with_array(liver_array), model=tiny_in_context,
+                       options=PipelineOptions(device="cpu", batch_size=4, threads=1))
+    assert res.report["model"]["slice_context_mm"] == 6.0
+    for out in (res.heatmap, res.labelmap):
+        assert out.same_geometry(ct, tol=1e-9)
+    assert res.heatmap.array.min() >= 0 and res.heatmap.array.max() <= 1 and not res.heatmap.array[liver_array == 0].any()
+    heat, _ = to_axial_frame(res.heatmap)
+    slice_axis_heat = heat.array.reshape(heat.array.shape[0], -1).max(axis=1)
+    frame_k = liver_slice_indices(to_axial_frame(ct.with_array(liver_array))[0].array)
+    assert len(res.slices) == len(frame_k)
+    for s in res.slices:  # the class is the most probable one of the probabilities reported
+        assert np.isclose(s.probabilities.sum(), 1.0, atol=1e-4) and CLASS_NAMES[int(np.argmax(s.probabilities))] == s.predicted_class
+        assert (s.cam_peak_ij is None) == (s.predicted_class == "normal")
+    # A slice the context made normal keeps no heat (a lesion slice's map may be empty: a random model's CAM can be 0).
+    assert int((slice_axis_heat[frame_k] > 0).sum()) <= sum(s.predicted_class != "normal" for s in res.slices)
