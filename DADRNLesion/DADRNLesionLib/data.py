@@ -573,6 +573,13 @@ class SliceCache:
         out[order] = np.asarray(self.images[idx[order]])
         return out
 
+    def z_mm(self, idx: np.ndarray) -> np.ndarray:
+        """Positions (mm) of samples `idx` along their case's axial slice axis: what the decision
+        rule's slice context measures distances in (`decision.context_probabilities`)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        spacing_k = np.array([float(c["spacing"][2]) for c in self.cases]) if self.cases else np.zeros(0)
+        return self.slice_index[idx] * spacing_k[self.case[idx]] if idx.size else np.zeros(0)
+
     def class_counts(self, indices: Optional[np.ndarray] = None) -> np.ndarray:
         labels = self.labels if indices is None else self.labels[indices]
         return np.bincount(labels, minlength=len(CLASS_NAMES))

@@ -185,14 +185,15 @@ def evaluate_cache(
     centre_hit = np.zeros(n, bool)
     labels = cache.labels[idx]
     case_of = cache.case[idx]
-    z_mm = cache.slice_index[idx] * np.array([float(cache.cases[c]["spacing"][2]) for c in case_of]) if n else np.zeros(0)
+    z_mm = cache.z_mm(idx)
 
     def images(rows: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.asarray(cache.images[idx[rows]])).to(device).float().div_(255.0)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def score(rows: np.ndarray, pred: np.ndarray, out) -> None:
-        """Localisation of the lesion slices among `rows` by `out`, the maps of their classes `pred`."""
+        """Localisation of the lesion slices among `rows` by `out`, the maps of their classes `pred`
+        (None where every class in `pred` is normal)."""
         for r, row in enumerate(rows):
             masks = cache.masks.get(int(idx[row])) if labels[row] > 0 else None
             if masks is None:  # a normal slice, or labelled from a table: no lesion outline to score against
@@ -229,10 +230,11 @@ def evaluate_cache(
         probs = decide(adjust_probabilities(probs, -normal_offset), normal_offset, slice_context_mm, z_mm, case_of).astype(np.float32)
         after = probs.argmax(axis=1)
         changed = np.flatnonzero((before != after) & (labels > 0))
-        for s in range(0, changed.size, batch_size):
-            rows = changed[s : s + batch_size]
-            out = cam(images(rows), target=torch.from_numpy(after[rows]))
-            score(rows, after[rows], out)
+        now_normal, redo = changed[after[changed] == 0], changed[after[changed] != 0]
+        score(now_normal, after[now_normal], None)  # a slice called normal is a miss: no map needed
+        for s in range(0, redo.size, batch_size):
+            rows = redo[s : s + batch_size]
+            score(rows, after[rows], cam(images(rows), target=torch.from_numpy(after[rows])))
     result = EvalResult(
         case_id=np.array([cache.cases[c]["case_id"] for c in case_of], dtype=object),
         group=np.array([cache.cases[c]["group"] or "" for c in case_of], dtype=object),

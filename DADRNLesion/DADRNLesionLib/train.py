@@ -377,8 +377,7 @@ def _calibrate(net, cache: SliceCache, split: dict[str, str], device, amp_dtype,
             logits = net(x)
         probs[s : s + x.shape[0]] = torch.softmax(logits.float(), dim=1).cpu().numpy()
     try:
-        z_mm = cache.slice_index[idx] * np.array([float(cache.cases[c]["spacing"][2]) for c in cache.case[idx]])
-        choice = choose_decision(cache.labels[idx], probs, z_mm=z_mm, groups=cache.case[idx], context_grid=SLICE_CONTEXT_GRID_MM)
+        choice = choose_decision(cache.labels[idx], probs, z_mm=cache.z_mm(idx), groups=cache.case[idx], context_grid=SLICE_CONTEXT_GRID_MM)
     except ValueError as exc:
         say(f"decision rule not calibrated ({exc}): the card keeps the network's own argmax")
         return None
