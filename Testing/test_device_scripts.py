@@ -111,7 +111,7 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     out2 = tmp_path / "out2"
     env2 = {**env, "SEED0": "9101", "INIT": str(out / "best.safetensors"), "BUDGET_S": "150", "LIVER_SOURCE": "reference",
             "GROW": "1", "START_S": "1", "CHUNK": "5", "GROW_CLASSES": "hcc", "WORK": str(tmp_path / "work2"),
-            "OUT": str(out2)}
+            "OUT": str(out2), "LOCALISATION_LOSS": "0.5"}
     env2.pop("DATA_S")
     run2 = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
     assert run2.returncode == 0, run2.stdout[-3000:] + run2.stderr[-3000:]
@@ -120,6 +120,7 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
         assert "train/compare/comparison.csv" in tar.getnames()
     card2 = json.loads((out2 / "best.json").read_text())
     assert card2["training"]["initialised_from"]
+    assert card2["training"]["config"]["localisation_loss"] == 0.5 and card["training"]["config"]["localisation_loss"] == 0
     # Sets finished while it trained joined its training split; the log names every set made.
     assert "its training split growing from" in run2.stdout and "new caches" in run2.stdout
     made = re.search(r"phantom seeds used: 9101-(\d+) \((\d+) sets\)", run2.stdout)

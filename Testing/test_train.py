@@ -277,7 +277,7 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
            "train", "--cache", str(tmp_path / "cache"), "--split-file", str(tmp_path / "split.csv"), "--input-size", str(SIZE),
            "--backbone", "drn_d_22", "--width", "0.125", "--epochs", "1", "--batch-size", "4", "--samples-per-epoch", "24",
            "--normal-per-case", "2", "--device", "cpu", "--threads", "1", "--no-test", "--quiet", "--out", str(tmp_path / "ddp"),
-           "--grow-from", str(tmp_path / "incoming")]
+           "--grow-from", str(tmp_path / "incoming"), "--localisation-loss", "0.5"]  # a loss on the map, not only the logits
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
@@ -293,6 +293,7 @@ def test_torchrun_two_processes_gloo_train_in_sync(tmp_path):
     assert summary["validation"]["slices"] == 18 and summary["validation"]["n"] == 20
     epoch = list(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))[-1]
     assert float(epoch["val_acc"]) == pytest.approx(summary["validation"]["accuracy"], abs=1e-6)
+    assert float(epoch["train_localisation_loss"]) > 0
 
 
 # --------------------------------------------------------------------------------------------

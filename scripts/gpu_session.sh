@@ -26,7 +26,8 @@
 # GROW_CLASSES (with GROW: the classes of every set after each generator's first, e.g. "hcc hcc fnh"
 # for two HCC phantoms to each FNH, `--phantom-classes`; those sets join the training split only, so
 # the validation and test splits, made of the first sets and the real cases, keep all five classes;
-# default: all five classes in every set).
+# default: all five classes in every set), LOCALISATION_LOSS (the weight of `train --localisation-loss`,
+# the loss that pulls the true class's heatmap into the lesion outline; default 0: off).
 # SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
 # with scripts/pack_device_carry.sh).
@@ -53,6 +54,7 @@ REAL_HOLDOUT=${REAL_HOLDOUT:-ts_native_sm}
 INIT=${INIT:-}
 GROW_CLASSES=$([ "$GROW" = 1 ] && echo "${GROW_CLASSES:-}" || true)
 LIVER_SOURCE=${LIVER_SOURCE:-reference}
+LOCALISATION_LOSS=${LOCALISATION_LOSS:-0}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
 rm -f "$WORK/stop_generators"
@@ -180,7 +182,7 @@ INTENDED="Demonstration of the DADRNLesion software only; trained on $SOURCES; n
 "${DADRN[@]}" train --cache "$WORK/cache/all" --input-size "$SIZE" --normal-per-case 12 --split-seed 0 \
     --model dadrn50-a --backbone drn_d_22 --width "$WIDTH" --dropout 0.1 --batch-size "$BATCH" --lr "$LR" \
     --weight-decay 0.05 --epochs 200 --samples-per-epoch $((BATCH * 64)) --patience 0 --seed 0 \
-    --time-limit "$MINUTES" --calibrate --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
+    --time-limit "$MINUTES" --calibrate --localisation-loss "$LOCALISATION_LOSS" --device "$DEVICE" --model-id dadrn-demo-phantom --intended-use "$INTENDED" \
     ${INIT:+--init-weights "$INIT"} ${GROW_FROM:+--grow-from "$GROW_FROM"} --out "$WORK/train" --overwrite >"$WORK/logs/train.txt" 2>&1
 TRAIN_RC=$?
 log "training exit $TRAIN_RC"

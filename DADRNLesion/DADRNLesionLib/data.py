@@ -573,6 +573,10 @@ class SliceCache:
         out[order] = np.asarray(self.images[idx[order]])
         return out
 
+    def outline_masks(self, idx: np.ndarray) -> list[Optional[np.ndarray]]:
+        """Each sample's (liver, core, dilated) masks in its crop box, None where it has none."""
+        return [self.masks.get(int(n)) for n in np.asarray(idx, dtype=np.int64)]
+
     def z_mm(self, idx: np.ndarray) -> np.ndarray:
         """Positions (mm) of samples `idx` along their case's axial slice axis: what the decision
         rule's slice context measures distances in (`decision.context_probabilities`)."""

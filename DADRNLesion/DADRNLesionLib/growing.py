@@ -77,6 +77,16 @@ class TrainingPool:
             out[where] = cache.read_images(local[idx[where] - self._starts[int(p)]])
         return out
 
+    def outline_masks(self, idx: np.ndarray) -> list[Optional[np.ndarray]]:
+        """`SliceCache.outline_masks` of pool positions `idx`, in the order given."""
+        idx = np.asarray(idx, dtype=np.int64)
+        part_of = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
+        out: list[Optional[np.ndarray]] = []
+        for n, p in zip(idx, part_of):
+            cache, local = self._parts[int(p)]
+            out.append(cache.masks.get(int(local[n - self._starts[int(p)]])))
+        return out
+
 
 def ready_caches(source: GrowSource, seen: Iterable[str]) -> list[str]:
     """Names of the sub-folders of `source.folder` that hold a finished cache not in `seen`, sorted.

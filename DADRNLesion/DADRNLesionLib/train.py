@@ -50,12 +50,13 @@ from .data import SPLITS, SliceCache, write_split
 from .distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier, broadcast_object, setup, teardown
 from .errors import UserInputError
 from .growing import GrowSource, TrainingPool, grown_record, load_grown, ready_caches
+from .localisation_loss import localisation_loss, outlines_in_input
 from .metrics import classification_summary
 from .model import LesionClassifier, ModelConfig, build_model
 from .precision import autocast_dtype, uses_channels_last
 from .weights import ModelCard, save_checkpoint
 
-__all__ = ["AugmentConfig", "TrainConfig", "TrainResult", "train", "augment_batch", "balanced_order", "lr_at"]
+__all__ = ["AugmentConfig", "TrainConfig", "TrainResult", "train", "augment_batch", "augment_with_outlines", "balanced_order", "lr_at"]
 
 PathLike = Union[str, os.PathLike]
 CHECKPOINT = "checkpoint.pt"
@@ -104,6 +105,9 @@ class TrainConfig:
     # choose the decision rule's normal-logit offset on every labelled validation slice (`decision`)
     # after training, record it in the card and test with it
     calibrate: bool = False
+    # weight of the loss that pulls the true class's map into the lesion outline, on lesion slices
+    # that have one (`localisation_loss`); 0: slice labels alone, as the paper trains
+    localisation_loss: float = 0.0
 
     def __post_init__(self) -> None:
         if self.balance not in ("sampler", "loss", "none"):
@@ -114,6 +118,8 @@ class TrainConfig:
             raise UserInputError(f"validation weights must be every_slice or none, not {self.validation_weights!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise UserInputError("epochs and batch size must be >= 1 and the learning rate positive")
+        if not (self.localisation_loss >= 0 and math.isfinite(self.localisation_loss)):
+            raise UserInputError(f"the localisation loss weight must be 0 or more, not {self.localisation_loss}")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise UserInputError(f"the time limit must be positive, not {self.time_limit_s}")
 
@@ -181,6 +187,13 @@ def lr_at(step: int, total: int, base: float, warmup_fraction: float) -> float:
 
 def augment_batch(x: torch.Tensor, cfg: AugmentConfig, window_width: float, gen: torch.Generator) -> torch.Tensor:
     """Augment a (n, 3, S, S) batch in [0, 1] (0 outside the liver); random draws come from `gen` (CPU)."""
+    return augment_with_outlines(x, None, cfg, window_width, gen)[0]
+
+
+def augment_with_outlines(x: torch.Tensor, outlines: Optional[torch.Tensor], cfg: AugmentConfig, window_width: float,
+                          gen: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """`augment_batch`, with the lesion outlines (n, 1, S, S) moved by the same affine; the random
+    draws are the same with or without them."""
     n = x.shape[0]
     dev = x.device
 
@@ -206,6 +219,9 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, window_width: float, gen:
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if outlines is not None:
+            moved = F.grid_sample(outlines.float(), grid.to(torch.float32), mode="bilinear", padding_mode="zeros", align_corners=False)
+            outlines = (moved > 0.25).to(outlines.dtype)
     inside = x > 0
     hu = 1.0 / window_width  # one HU in window units
     shift_v = u(-cfg.hu_shift, cfg.hu_shift, n, 1, 1, 1) * hu
@@ -221,7 +237,7 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, window_width: float, gen:
         y = y + noise * sigma
     # Keep the liver strictly above 0 so that "outside the liver" stays exactly zero.
     y = torch.where(inside, y.clamp(1.0 / 255.0, 1.0), torch.zeros_like(y))
-    return y
+    return y, outlines
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +276,7 @@ def _loss_weight(counts: np.ndarray, device: torch.device) -> torch.Tensor:
 def _write_history(path: Path, history: list[dict[str, Any]]) -> None:
     if not history:
         return
-    cols = list(history[0])
+    cols = list(dict.fromkeys(k for row in history for k in row))  # a resumed older run's rows lack newer columns
     tmp = path.with_suffix(".csv.partial")
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -666,6 +682,8 @@ def train(
             loss_sum = torch.zeros(1, dtype=torch.float64, device=dev)
             correct = torch.zeros(1, dtype=torch.float64, device=dev)
             seen = torch.zeros(1, dtype=torch.float64, device=dev)
+            place_sum = torch.zeros(1, dtype=torch.float64, device=dev)
+            place_steps = 0
             bar = None
             if env.is_main and progress_bar:
                 from tqdm import tqdm
@@ -679,18 +697,31 @@ def train(
                     break
                 idx = mine[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 x, y = _to_batch(pool, idx, dev)
+                outlines = has_outline = None
+                if cfg.localisation_loss > 0:
+                    outlines, has_outline = outlines_in_input(pool.outline_masks(idx), spec.size, dev)
                 seed = _seed_for(cfg.seed, epoch, b, env.rank)
                 torch.manual_seed(seed)  # dropout
                 if cfg.augment is not None:
-                    x = augment_batch(x, cfg.augment, spec.window_width, torch.Generator().manual_seed(seed))
+                    x, outlines = augment_with_outlines(x, outlines, cfg.augment, spec.window_width, torch.Generator().manual_seed(seed))
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 lr = lr_at(state["step"], total_steps, cfg.lr, cfg.warmup_fraction)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
+                    if outlines is None:
+                        logits = model(x)
+                    else:
+                        logits, features = model(x, with_features=True)
+                loss = ce = F.cross_entropy(logits.float(), y, weight=weight, label_smoothing=cfg.label_smoothing)
+                if outlines is not None:
+                    inside = (x > 0).any(dim=1, keepdim=True)
+                    place = localisation_loss(features, _unwrap(model).fc.weight, y, outlines, inside, has_outline & (y > 0))
+                    loss = loss + cfg.localisation_loss * place
+                    with torch.no_grad():
+                        place_sum += place.detach().double()
+                        place_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:
@@ -700,7 +731,7 @@ def train(
                 scaler.update()
                 state["step"] += 1
                 with torch.no_grad():
-                    loss_sum += loss.detach().double() * y.numel()
+                    loss_sum += ce.detach().double() * y.numel()  # the classification loss alone, as validation's
                     correct += (logits.argmax(1) == y).sum().double()
                     seen += y.numel()
                 if bar is not None:
@@ -716,6 +747,7 @@ def train(
             all_reduce_sum(loss_sum, env)
             all_reduce_sum(correct, env)
             all_reduce_sum(seen, env)
+            all_reduce_sum(place_sum, env)
             val = _validate(model, cache, val_idx, dev, amp_dtype, cfg.eval_batch_size, env, val_weights)
             value = val["loss"] if cfg.monitor == "loss" else val[cfg.monitor]
             improved = state["best"] is None or sign * (value - state["best"]) > cfg.min_delta
@@ -725,6 +757,7 @@ def train(
                 "lr": lr_at(max(0, state["step"] - 1), total_steps, cfg.lr, cfg.warmup_fraction),
                 "train_loss": float(loss_sum.item() / max(1.0, seen.item())),
                 "train_acc": float(correct.item() / max(1.0, seen.item())),
+                "train_localisation_loss": float(place_sum.item() / max(1, place_steps * env.world_size)),
                 "val_loss": val["loss"],
                 "val_acc": val["accuracy"],
                 "val_macro_f1": val["macro_f1"],
@@ -744,6 +777,7 @@ def train(
                 state["bad_epochs"] += 1
             say(
                 f"epoch {epoch + 1}/{state['epochs']}  step {state['step']}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                + (f"localisation {row['train_localisation_loss']:.4f}  " if cfg.localisation_loss > 0 else "") +
                 f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} macro-F1 {val['macro_f1']:.4f}"
                 f"{'  *best*' if improved else ''}  ({row['seconds']:.0f} s)"
             )

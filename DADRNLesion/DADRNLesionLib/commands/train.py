@@ -51,6 +51,10 @@ def add_parser(subparsers) -> None:
     t.add_argument("--balance", choices=("sampler", "loss", "none"), default="sampler",
                    help="class balance: equal draws per class (sampler, default), inverse-frequency loss weights, or none")
     t.add_argument("--label-smoothing", type=float, default=0.05)
+    t.add_argument("--localisation-loss", type=float, default=0.0, metavar="WEIGHT",
+                   help="add this weight times a loss that pulls the true class's heatmap into the lesion outline, on lesion slices "
+                        "whose cache has one (phantoms, painted-in cases, real cases with a lesion mask); 0 (default): slice labels "
+                        "alone, as the paper trains. Inference never needs an outline")
     t.add_argument("--no-augment", action="store_true", help="no augmentation")
     t.add_argument("--patience", type=int, default=8, help="early stopping after this many epochs without improvement (0: off)")
     t.add_argument("--monitor", choices=("macro_f1", "accuracy", "loss"), default="macro_f1")
@@ -137,6 +141,7 @@ def run(args) -> int:
         patience=args.patience, monitor=args.monitor,
         validation_weights=args.validation_weights.replace("-", "_"), min_delta=args.min_delta, seed=args.seed, max_steps=args.max_steps,
         time_limit_s=None if args.time_limit is None else args.time_limit * 60.0, calibrate=args.calibrate,
+        localisation_loss=args.localisation_loss,
     )
     if args.grow_from is not None and args.grow_from.exists() and not args.grow_from.is_dir():
         raise UserInputError(f"--grow-from {args.grow_from} is a file: give the folder the caches are written into "

@@ -112,8 +112,12 @@ class LesionClassifier(nn.Module):
         pooled = features.mean(dim=(2, 3), dtype=torch.float32)
         return self.fc(self.dropout(pooled.to(self.fc.weight.dtype)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Logits; with `with_features`, (logits, features), so that a loss on the map can go
+        through the wrapper (DistributedDataParallel) rather than around it."""
+        features = self.features(x)
+        logits = self.head(features)
+        return (logits, features) if with_features else logits
 
 
 def build_model(config: ModelConfig | str | dict[str, Any]) -> LesionClassifier:
