@@ -320,9 +320,7 @@ def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress,
         lesion_rows = p.argmax(axis=1) != 0
         if lesion_rows.any():
             keep = torch.from_numpy(lesion_rows).to(out.cams.device)
-            placed = maps_to_slices(out.cams[keep], box, (rows, cols), smoothing)
-            idx = ks[lesion_rows]
-            heat[idx] = normalise_per_slice(placed * liver[idx])
+            _place_maps(heat, out.cams[keep], ks[lesion_rows], box, liver, smoothing)
         stage_t["postprocess"] += time.perf_counter() - t
         progress("model", first + len(ks), len(slices))
 
@@ -332,9 +330,7 @@ def _classify_slices(ct, liver, slices, box, spec, cam, device, batch, progress,
             raise Cancelled(f"cancelled after {start} of {len(slices)} slices")
         ks = np.asarray(slices[start : start + batch])
         t = time.perf_counter()
-        x = prepare_batch(ct, liver, ks, box, spec, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = _model_input(ct, liver, ks, box, spec, device, channels_last)
         stage_t["preprocess"] += time.perf_counter() - t
         t = time.perf_counter()
         try:
@@ -365,12 +361,20 @@ def _explain_changed(ct, liver, slices, before, after, heat, box, spec, cam, dev
     channels_last = uses_channels_last(device, cam.amp_dtype)
     for start in range(0, redo.size, batch):
         rows = redo[start : start + batch]
-        x = prepare_batch(ct, liver, slices[rows], box, spec, device=device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = cam(x, target=torch.from_numpy(after[rows]))
-        placed = maps_to_slices(out.cams, box, liver.shape[1:], smoothing)
-        heat[slices[rows]] = normalise_per_slice(placed * liver[slices[rows]])
+        out = cam(_model_input(ct, liver, slices[rows], box, spec, device, channels_last), target=torch.from_numpy(after[rows]))
+        _place_maps(heat, out.cams, slices[rows], box, liver, smoothing)
+
+
+def _model_input(ct, liver, ks, box, spec, device, channels_last: bool) -> torch.Tensor:
+    x = prepare_batch(ct, liver, ks, box, spec, device=device)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _place_maps(heat: np.ndarray, cams: torch.Tensor, ks: np.ndarray, box, liver: np.ndarray, smoothing: float) -> None:
+    """Write the maps of slices `ks` into the heatmap volume: upsampled into the crop box,
+    smoothed, kept inside the liver and scaled to peak 1 per slice."""
+    placed = maps_to_slices(cams, box, liver.shape[1:], smoothing)
+    heat[ks] = normalise_per_slice(placed * liver[ks])
 
 
 # How much lower a card's slice accuracy with the automatic liver mask may be than with reference
