@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -64,27 +64,32 @@ class TrainingPool:
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(CLASS_NAMES))
 
+    def _by_part(self, idx: np.ndarray) -> Iterator[tuple[SliceCache, np.ndarray, np.ndarray]]:
+        """For each part that pool positions `idx` reach: its cache, where in `idx` they are and
+        their indices in that cache."""
+        part_of = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
+        for p in np.unique(part_of):
+            cache, local = self._parts[int(p)]
+            where = np.flatnonzero(part_of == p)
+            yield cache, where, local[idx[where] - self._starts[int(p)]]
+
     def read_images(self, idx: np.ndarray) -> np.ndarray:
         """The uint8 images (n, 3, S, S) of pool positions `idx`, in the order given (as
         `SliceCache.read_images`)."""
         idx = np.asarray(idx, dtype=np.int64)
-        part_of = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
         first = self._parts[0][0]
         out = np.empty((idx.size,) + tuple(first.images.shape[1:]), dtype=np.uint8)
-        for p in np.unique(part_of):
-            cache, local = self._parts[int(p)]
-            where = np.flatnonzero(part_of == p)
-            out[where] = cache.read_images(local[idx[where] - self._starts[int(p)]])
+        for cache, where, local in self._by_part(idx):
+            out[where] = cache.read_images(local)
         return out
 
     def outline_masks(self, idx: np.ndarray) -> list[Optional[np.ndarray]]:
         """`SliceCache.outline_masks` of pool positions `idx`, in the order given."""
         idx = np.asarray(idx, dtype=np.int64)
-        part_of = np.searchsorted(np.asarray(self._starts), idx, side="right") - 1
-        out: list[Optional[np.ndarray]] = []
-        for n, p in zip(idx, part_of):
-            cache, local = self._parts[int(p)]
-            out.append(cache.masks.get(int(local[n - self._starts[int(p)]])))
+        out: list[Optional[np.ndarray]] = [None] * idx.size
+        for cache, where, local in self._by_part(idx):
+            for n, masks in zip(where, cache.outline_masks(local)):
+                out[n] = masks
         return out
 
 
