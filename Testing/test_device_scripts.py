@@ -91,7 +91,7 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
            "DEVICE": "cpu", "BENCH": "0", "SIZE": "32", "WIDTH": "0.125", "BATCH": "8", "PROCS": "2",
-           "DATA_S": "1", "CHUNK": "5", "REAL": "", "BUDGET_S": "60", "SEED0": "9001", "LIVER_SOURCE": "mixed",
+           "DATA_S": "1", "CHUNK": "5", "REAL": "", "BUDGET_S": "60", "SEED0": "9001", "LIVER_SOURCE": "mixed", "UNENHANCED": "0.5",
            "WORK": str(work), "OUT": str(out), "SITE": str(tmp_path / "site")}
     run = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -102,6 +102,8 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     assert [d["phantom_seed"] for d in card["training"]["data"]["merged"]] == [9001, 9002]
     # Mixed liver masks: the second generator's slices were masked with the automatic liver mask.
     assert [(d.get("liver") or {}).get("source") for d in card["training"]["data"]["merged"]] == [None, "automatic"]
+    # UNENHANCED: half of each set's normal and cyst phantoms were made without contrast.
+    assert [d.get("phantom_unenhanced") for d in card["training"]["data"]["merged"]] == [0.5, 0.5]
     assert card["metrics"]["test"]["all"]["slices"] > 0
     with tarfile.open(out / "results.tgz") as tar:
         names = tar.getnames()

@@ -200,6 +200,38 @@ def test_a_class_focused_plan_holds_the_listed_classes_in_turn_and_the_full_list
         phantom.case_plan(3, 11, classes=[])
 
 
+def test_an_unenhanced_phantom_is_the_same_patient_with_blood_density_vessels_and_a_darker_liver():
+    arterial = phantom.generate_case(5, "normal", matrix=96, n_slices=24, noise_hu=0)
+    plain = phantom.generate_case(5, "normal", matrix=96, n_slices=24, noise_hu=0, phase="unenhanced")
+    assert (arterial.meta["phase"], plain.meta["phase"]) == ("arterial", "unenhanced")
+    assert np.array_equal(arterial.liver.array, plain.liver.array)  # the same anatomy
+    liver = arterial.liver.array > 0
+    assert 38 - 3 <= np.median(plain.ct.array[liver]) <= 66 + 3
+    # The enhanced vessels and organs lose their contrast; nothing gains more than a vein can.
+    change = plain.ct.array.astype(float) - arterial.ct.array
+    assert (change < -150).sum() > 100 and change.max() < 40
+    cyst = phantom.generate_case(5, "cyst", matrix=96, n_slices=24, phase="unenhanced")
+    assert cyst.lesion_class == "cyst" and cyst.meta["lesions"]
+    with pytest.raises(ValueError, match="normal or cyst"):
+        phantom.generate_case(5, "hcc", matrix=64, n_slices=8, phase="unenhanced")
+    with pytest.raises(ValueError, match="unknown phase"):
+        phantom.generate_case(5, "normal", matrix=64, n_slices=8, phase="portal")
+
+
+def test_the_unenhanced_share_touches_only_normal_and_cyst_cases_and_changes_no_other_draw():
+    phases = [phantom.case_phase(3, i, cls, 0.5) for i, (_, _, cls) in enumerate(phantom.case_plan(40, 3))]
+    classes = [cls for _, _, cls in phantom.case_plan(40, 3)]
+    plain = {cls for cls, ph in zip(classes, phases) if ph == "unenhanced"}
+    assert plain <= {"normal", "cyst"} and plain
+    assert 0.2 < phases.count("unenhanced") / (classes.count("normal") + classes.count("cyst")) < 0.8
+    assert all(ph == "arterial" for ph in (phantom.case_phase(3, i, "normal", 0.0) for i in range(20)))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        phantom.case_phase(3, 0, "normal", 1.5)
+    first = [c.ct.array for c in phantom.generate_cases(3, 3, matrix=64, n_slices=6)]
+    again = [c.ct.array for c in phantom.generate_cases(3, 3, unenhanced=0.0, matrix=64, n_slices=6)]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
 def test_unknown_class_is_refused():
     with pytest.raises(ValueError, match="unknown class"):
         phantom.generate_case(0, "adenoma", matrix=64, n_slices=8)

@@ -27,7 +27,9 @@
 # for two HCC phantoms to each FNH, `--phantom-classes`; those sets join the training split only, so
 # the validation and test splits, made of the first sets and the real cases, keep all five classes;
 # default: all five classes in every set), LOCALISATION_LOSS (the weight of `train --localisation-loss`,
-# the loss that pulls the true class's heatmap into the lesion outline; default 0: off).
+# the loss that pulls the true class's heatmap into the lesion outline; default 0: off), UNENHANCED (the
+# share of each phantom set's normal and cyst cases made without contrast, `--phantom-unenhanced`;
+# default 0).
 # SimpleITK, slicerio and
 # pynrrd come from .device-carry/site.tar.xz or the wheels in .whl/ (scripts/device_site.sh; pack
 # with scripts/pack_device_carry.sh).
@@ -55,6 +57,7 @@ INIT=${INIT:-}
 GROW_CLASSES=$([ "$GROW" = 1 ] && echo "${GROW_CLASSES:-}" || true)
 LIVER_SOURCE=${LIVER_SOURCE:-reference}
 LOCALISATION_LOSS=${LOCALISATION_LOSS:-0}
+UNENHANCED=${UNENHANCED:-0}
 WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
 rm -f "$WORK/stop_generators"
@@ -95,7 +98,8 @@ phantom_set() {  # seed cases liver-source [class ...]; a set of chosen classes 
   local seed=$1 cases=$2 source=$3 name=p$1 classes=()
   shift 3
   if [ $# -gt 0 ]; then name=c$seed; classes=(--phantom-classes "$@"); fi
-  "${DADRN[@]}" dataset cache --phantoms "$cases" --phantom-seed "$seed" ${classes[@]+"${classes[@]}"} --cache "$SET_DIR/$name" \
+  "${DADRN[@]}" dataset cache --phantoms "$cases" --phantom-seed "$seed" ${classes[@]+"${classes[@]}"} --phantom-unenhanced "$UNENHANCED" \
+      --cache "$SET_DIR/$name" \
       --liver-source "$source" --input-size "$SIZE" --quiet >>"$WORK/logs/data_p$seed.txt" 2>&1
 }
 liver_source_of() {  # generator index
@@ -110,7 +114,7 @@ fi
 if [ -n "${DATA_S:-}" ]; then
   CHUNK=${CHUNK:-10}
   DATA_END=$(( $(date +%s) + DATA_S ))
-  log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s, liver masks: $LIVER_SOURCE${GROW_CLASSES:+; sets after the first of each generator: $GROW_CLASSES}"
+  log "phantoms: $PROCS generators, sets of $CHUNK cases (seeds $SEED0, $SEED0 + 1, ...) for $DATA_S s, liver masks: $LIVER_SOURCE${GROW_CLASSES:+; sets after the first of each generator: $GROW_CLASSES}; unenhanced share of normal and cyst cases: $UNENHANCED"
   for i in $(seq 0 $((PROCS - 1))); do
     # A set starts only if one as long as this generator's last still ends by the deadline (a set of
     # ten with automatic masks takes over a minute: checking the start alone overran DATA_S by 73 s).

@@ -29,6 +29,12 @@ lookalike), ``area_mm2_by_k`` (pairs ``[k, in-slice area in mm^2]`` of that lesi
 after clipping to the liver) and ``max_area_mm2``. A builder labels slice k with the case's
 lesion class when some lesion has ``area(k) >= max(20 mm^2, 0.25 * max_area_mm2)`` (for example),
 keeps slices with no lesion voxels as normal, and may drop the ambiguous ones in between.
+
+An unenhanced variant (``phase="unenhanced"``, normal and cyst cases only) gives the same patient
+without contrast: liver 38-66 HU, blood 35-50 HU in every vessel, so that veins can be darker than
+the liver. Why: a model trained on arterial phantoms alone called the dark veins of a real
+unenhanced scan cysts; the method is for arterial-phase CT, but it should keep normal anatomy
+normal on the scans users load anyway.
 """
 
 from __future__ import annotations
@@ -50,8 +56,11 @@ from .classes import CLASS_NAMES, LABEL_BY_KEY, LESION_CLASSES
 from .volume import Volume
 
 __all__ = ["PhantomCase", "generate_case", "generate_cases", "write_cases", "insert_lesions", "load_real_cases", "real_cases",
-           "scan_liver_stats", "case_plan"]
+           "scan_liver_stats", "case_plan", "case_phase"]
 
+PHASES = ("arterial", "unenhanced")
+UNENHANCED_CLASSES = ("normal", "cyst")  # the classes whose look does not depend on the contrast phase
+_PHASE_STREAM = 0x0E4A  # the unenhanced values' own stream, so that the arterial draws stay as they were
 _M = 12.0  # implicit functions are clamped at +_M mm so that piecewise evaluation stays continuous
 _SLICE_STEPS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 
@@ -521,6 +530,19 @@ class _Case:
         self.rib_h = u(4.0, 5.0)
         self.costal = u(50, 75)
         self.rib_wobble = (u(3, 7), u(0, 6.28), u(2, 4), u(0, 6.28))
+
+    def unenhance(self, rng) -> None:
+        """The tissue values without contrast; the anatomy, drawn before, stays as it was."""
+        u = rng.uniform
+        blood = u(35, 50)
+        self.P = u(38, 66)  # a fatty liver lies below the blood's density, a normal one above it
+        self.A = blood
+        self.PV = self.HV = blood + u(-3, 3)
+        self.IVC_hi = self.IVC_lo = blood
+        self.S, self.S_zebra = u(40, 52), 0.0
+        self.K_cortex = self.K_medulla = u(28, 38)
+        self.PANC = u(35, 48)
+        self.WALL = u(30, 45)
 
     def d(self, rel: float) -> float:
         """Template depth (mm below the right dome apex, average patient) -> depth in this case."""
@@ -1174,15 +1196,22 @@ def generate_case(
     spacing: Optional[tuple] = None,
     noise_hu: Optional[float] = None,
     hard: Optional[bool] = None,
+    phase: str = "arterial",
 ) -> PhantomCase:
     """One synthetic case. The seed fixes everything; anatomy, noise and lesion draws come from
-    separate streams, so one seed with different classes gives the same patient.
+    separate streams, so one seed with different classes (or phases) gives the same patient.
 
     lesion_class: None draws one of the five classes (normal included). noise_hu: None draws
     8-25 HU; 0 gives a noise-free image. hard: None draws (25 % of cases), True forces hard
-    lesions (small, faint, at the edge, look-alike), False forbids the deliberate ones."""
+    lesions (small, faint, at the edge, look-alike), False forbids the deliberate ones. phase:
+    "arterial", or "unenhanced" (no contrast; lesion_class normal or cyst only, see the module)."""
     if lesion_class is not None and lesion_class not in CLASS_NAMES:
         raise ValueError(f"unknown class {lesion_class!r}; expected one of {', '.join(CLASS_NAMES)} or None")
+    if phase not in PHASES:
+        raise ValueError(f"unknown phase {phase!r}; expected one of {', '.join(PHASES)}")
+    if phase == "unenhanced" and lesion_class not in UNENHANCED_CLASSES:
+        raise ValueError(f"an unenhanced phantom takes lesion_class {' or '.join(UNENHANCED_CLASSES)}, not {lesion_class!r}: "
+                         "the other classes are defined by how they enhance")
     if int(matrix) < 32:
         raise ValueError("matrix must be at least 32")
     if int(seed) < 0:
@@ -1198,6 +1227,8 @@ def generate_case(
 
     px, py, sz, thick, nk, fov_pref = _draw_geometry(r_case, matrix, n_slices, spacing)
     c = _Case(r_anat, nk * sz)
+    if phase == "unenhanced":
+        c.unenhance(np.random.default_rng(np.random.SeedSequence([int(seed), _PHASE_STREAM])))
     if px is None:
         fov = float(np.clip(max(2 * c.half_width / 0.92, 340 + 130 * fov_pref), 300, 480))
         px = py = fov / matrix
@@ -1237,6 +1268,7 @@ def generate_case(
         "matrix": matrix,
         "n_slices": nk,
         "noise_hu": round(noise, 2),
+        "phase": phase,
         "parenchyma_hu": round(c.P, 1),
         "aorta_hu": round(c.A, 1),
         "portal_hu": round(c.PV, 1),
@@ -1283,11 +1315,24 @@ def case_plan(n: int, seed: int, classes: Optional[Sequence[str]] = None) -> lis
     return plan
 
 
-def generate_cases(n: int, seed: int, classes: Optional[Sequence[str]] = None, **kw) -> Iterator[PhantomCase]:
+def case_phase(seed: int, index: int, lesion_class: str, unenhanced: float) -> str:
+    """The phase of entry `index` of a plan: "unenhanced" for a share `unenhanced` of its normal and
+    cyst cases (a draw of its own, so the share changes no other draw), else "arterial"."""
+    if not 0.0 <= float(unenhanced) <= 1.0:
+        raise ValueError(f"the unenhanced share must lie between 0 and 1, not {unenhanced}")
+    if unenhanced <= 0 or lesion_class not in UNENHANCED_CLASSES:
+        return "arterial"
+    draw = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), _PHASE_STREAM])).random()
+    return "unenhanced" if draw < float(unenhanced) else "arterial"
+
+
+def generate_cases(n: int, seed: int, classes: Optional[Sequence[str]] = None, unenhanced: float = 0.0,
+                   **kw) -> Iterator[PhantomCase]:
     """`n` cases balanced over the five classes, or over `classes` (see `case_plan`), generated
-    lazily; a prefix of a longer run is identical to a shorter run."""
+    lazily; a prefix of a longer run is identical to a shorter run. `unenhanced`: the share of the
+    normal and cyst cases made without contrast (`case_phase`); the others are those of the default."""
     for i, (case_id, case_seed, cls) in enumerate(case_plan(n, seed, classes)):
-        case = generate_case(case_seed, cls, **kw)
+        case = generate_case(case_seed, cls, phase=case_phase(seed, i, cls, unenhanced), **kw)
         case.case_id = case_id
         case.meta["index"] = i
         yield case

@@ -9,6 +9,7 @@ The data options (`--data`, `--phantoms`, `--cache`) are shared with `train` and
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,7 @@ def add_parser(subparsers) -> None:
     ph.add_argument("--cases", type=int, required=True, help="number of phantom cases (balanced over the five classes, or over --classes)")
     ph.add_argument("--seed", type=int, default=0)
     add_phantom_class_option(ph, "--classes")
+    add_unenhanced_option(ph, "--unenhanced")
     add_real_options(ph)
     ph.add_argument("--overwrite", action="store_true")
     add_common_options(ph)
@@ -69,6 +71,22 @@ def add_phantom_class_option(p, flag: str) -> None:
                         "more cases of the classes a model confuses; default all five, balanced")
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a share between 0 and 1 (e.g. 0.5)")
+    return value
+
+
+def add_unenhanced_option(p, flag: str) -> None:
+    p.add_argument(flag, type=_share, default=0.0, metavar="SHARE",
+                   help="make this share (0-1) of the normal and cyst phantoms without contrast (liver 38-66 HU, veins at "
+                        "blood density), so that a model keeps the normal anatomy of unenhanced scans normal; default 0")
+
+
 def add_data_options(p, cache_required: bool = False) -> None:
     g = p.add_argument_group("data (one of --data, --phantoms, or an existing --cache)")
     g.add_argument("--data", nargs="+", metavar="CASES",
@@ -76,6 +94,7 @@ def add_data_options(p, cache_required: bool = False) -> None:
     g.add_argument("--phantoms", type=int, metavar="N", help="generate N phantom cases in memory instead")
     g.add_argument("--phantom-seed", type=int, default=0)
     add_phantom_class_option(g, "--phantom-classes")
+    add_unenhanced_option(g, "--phantom-unenhanced")
     add_real_options(g)
     g.add_argument("--cache", type=Path, metavar="DIR", required=cache_required,
                    help="slice cache folder: reused when it matches the data and input spec, else (re)built there")
@@ -187,12 +206,13 @@ def _load_or_build(args, spec, reporter):
         source = D.source_fingerprint(
             phantoms=args.phantoms, phantom_seed=args.phantom_seed, generator=D.generator_fingerprint(),
             **({"phantom_classes": list(args.phantom_classes)} if args.phantom_classes else {}),
+            **({"phantom_unenhanced": args.phantom_unenhanced} if args.phantom_unenhanced else {}),
             real=str(args.real_background) if args.real_background else None, real_rounds=args.real_rounds,
             real_holdout=sorted(args.real_holdout), **_liver_key(args),
         )
         gen = D.synthetic_cases(args.phantoms, args.phantom_seed, real_dir=args.real_background,
                                 real_rounds=args.real_rounds, real_holdout=tuple(args.real_holdout),
-                                classes=args.phantom_classes)
+                                classes=args.phantom_classes, unenhanced=args.phantom_unenhanced)
         cases = (D.prepare_synthetic(c, rule, args.liver_source or "reference") for c in gen)
         total = None
     if args.cache is not None and D.SliceCache.matches(args.cache, spec, rule, source):
@@ -235,8 +255,9 @@ def run_phantoms(args) -> int:
         raise UserInputError("--cases and --real-rounds must be >= 0")
     total = args.cases if args.real_background is None else None  # real scans: counted as found
     gen = D.synthetic_cases(args.cases, args.seed, real_dir=args.real_background, real_rounds=args.real_rounds,
-                            real_holdout=tuple(args.real_holdout), classes=args.classes)
+                            real_holdout=tuple(args.real_holdout), classes=args.classes, unenhanced=args.unenhanced)
     made = {"phantoms": args.cases, "seed": args.seed, **({"classes": list(args.classes)} if args.classes else {}),
+            **({"unenhanced": args.unenhanced} if args.unenhanced else {}),
             "real_background": str(args.real_background) if args.real_background else None,
             "real_rounds": args.real_rounds if args.real_background else 0, "real_holdout": list(args.real_holdout),
             "command": "dadrn-lesion dataset phantoms " + " ".join(sys.argv[3:])}

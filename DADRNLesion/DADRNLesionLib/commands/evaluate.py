@@ -114,6 +114,9 @@ def describe_source(source: dict | None) -> str | None:
     if isinstance(n, int) and n > 0 and seed is not None and not real:
         classes = source.get("phantom_classes")
         of, flag = (f" of {' / '.join(classes)}", f" --classes {' '.join(classes)}") if classes else ("", "")
+        share = source.get("phantom_unenhanced")
+        if share:
+            of, flag = f"{of}, {share:g} of the normal and cyst ones unenhanced", f"{flag} --unenhanced {share:g}"
         return f"{n} phantoms{of}, seed {seed} (dadrn-lesion dataset phantoms --cases {n} --seed {seed}{flag})"
     return None
 
