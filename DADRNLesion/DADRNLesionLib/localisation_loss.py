@@ -28,16 +28,20 @@ DEFAULT_SHARPNESS = 3.0  # the softmax's inverse temperature on the standardised
 
 def outlines_in_input(masks: Sequence[Optional[np.ndarray]], size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """(n, 1, size, size) float outlines and (n,) bool "has one", from each sample's (liver, core,
-    dilated) masks in its crop box (`SliceCache.masks`), resized as `prepare_batch` resizes the box."""
-    out = torch.zeros((len(masks), 1, size, size), dtype=torch.float32)
+    dilated) masks in its crop box (`SliceCache.masks`), resized as `prepare_batch` resizes the box.
+
+    Each box is resized on `device`, so that a GPU step waits for no CPU resizes: the first GPU run
+    with this loss, resizing on the CPU beside busy phantom generators, took 5.6 s a step
+    (docs/performance.md)."""
+    out = torch.zeros((len(masks), 1, size, size), dtype=torch.float32, device=device)
     has = torch.zeros(len(masks), dtype=torch.bool)
     for n, m in enumerate(masks):
         if m is None or not np.any(m[2]):
             continue
-        box = torch.from_numpy(np.ascontiguousarray(m[2], dtype=np.float32))[None, None]
+        box = torch.from_numpy(np.ascontiguousarray(m[2], dtype=np.float32))[None, None].to(device, non_blocking=True)
         out[n] = (F.interpolate(box, size=(size, size), mode="bilinear", align_corners=False)[0] > 0).float()
         has[n] = True
-    return out.to(device), has.to(device)
+    return out, has.to(device)
 
 
 def localisation_loss(
