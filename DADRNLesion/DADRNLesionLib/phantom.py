@@ -32,7 +32,7 @@ keeps slices with no lesion voxels as normal, and may drop the ambiguous ones in
 
 An unenhanced variant (``phase="unenhanced"``, normal and cyst cases only) gives the same patient
 without contrast: liver 38-66 HU, blood 35-50 HU in every vessel, so that veins can be darker than
-the liver. Why: a model trained on arterial phantoms alone called the dark veins of a real
+the liver. Why: models trained on arterial phantoms alone called normal parts of a real
 unenhanced scan cysts; the method is for arterial-phase CT, but it should keep normal anatomy
 normal on the scans users load anyway.
 """
