@@ -173,8 +173,8 @@ unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
 "${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt"
 rm -rf "${parts[@]}"
 # With GROW the generators go on beside the training: its CPU work (batch reads, resizes) gets the
-# cores they leave. With torch's default of a thread per core it fought them and took 5.6 s a step
-# (one epoch in 5.4 minutes on an H200, 14 generators on 16 cores, the localisation loss on).
+# cores they leave. With torch's default of a thread per core beside them (14 generators on 16
+# cores, the localisation loss on), an H200 run took 5.6 s a step, probably for that reason too.
 [ "$GROW" = 1 ] && export OMP_NUM_THREADS=$(( $(nproc) - PROCS > 1 ? $(nproc) - PROCS : 1 ))
 
 # 3. Train DADRN-A (sigmoid, sum fusion) on DRN-D-22 x WIDTH at SIZE px until the deadline (then the

@@ -31,8 +31,8 @@ def outlines_in_input(masks: Sequence[Optional[np.ndarray]], size: int, device: 
     dilated) masks in its crop box (`SliceCache.masks`), resized as `prepare_batch` resizes the box.
 
     Each box is resized on `device`, so that a GPU step waits for no CPU resizes: the first GPU run
-    with this loss, resizing on the CPU beside busy phantom generators, took 5.6 s a step
-    (docs/performance.md)."""
+    with this loss, resizing on the CPU beside busy phantom generators, took 5.6 s a step, likely
+    for that reason in part (docs/performance.md)."""
     out = torch.zeros((len(masks), 1, size, size), dtype=torch.float32, device=device)
     has = torch.zeros(len(masks), dtype=torch.bool)
     for n, m in enumerate(masks):
