@@ -97,7 +97,8 @@ def test_gpu_session_runs_end_to_end_on_a_cpu_in_miniature(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "phantom seeds used: 9001-9002 (2 sets)" in run.stdout  # one set per generator: the deadline had passed
     assert "training exit 0" in run.stdout and "accuracy" in run.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["best.json", "best.safetensors", "results.tgz"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.json", "best.safetensors", "results.tgz", "session.txt"]
+    assert "training exit 0" in (out / "session.txt").read_text()  # written as it went, not at the end
     card = json.loads((out / "best.json").read_text())
     assert [d["phantom_seed"] for d in card["training"]["data"]["merged"]] == [9001, 9002]
     # Mixed liver masks: the second generator's slices were masked with the automatic liver mask.

@@ -62,7 +62,9 @@ WORK=${WORK:-/tmp/gpu-work}
 mkdir -p "$OUT" "$WORK/logs"
 rm -f "$WORK/stop_generators"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
-log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$WORK/logs/session.txt"; }
+# The session log also goes straight into OUT: a call cut off at its time limit still brings back
+# how far it got, even when its printed output was piped through tail and so never came.
+log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$WORK/logs/session.txt" "$OUT/session.txt"; }
 
 source scripts/device_site.sh || exit 1
 DADRN=(python3 -m DADRNLesionLib)
