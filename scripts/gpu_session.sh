@@ -172,7 +172,7 @@ log_seeds() {  # every phantom set finished: merged at the start, and (GROW) wri
 log "caches ready: ${#parts[@]} (phantom generators: $PROCS)"
 [ ${#parts[@]} -gt 0 ] || { tail -5 "$WORK"/logs/data_p*.txt; exit 1; }
 unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
-"${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt"
+"${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt" "$OUT/session.txt"
 rm -rf "${parts[@]}"
 # With GROW the generators go on beside the training: its CPU work (batch reads, resizes) gets the
 # cores they leave. With torch's default of a thread per core beside them (14 generators on 16
