@@ -64,7 +64,8 @@ rm -f "$WORK/stop_generators"
 left() { echo $(( BUDGET_S - ($(date +%s) - T0) )); }
 # The session log also goes straight into OUT: a call cut off at its time limit still brings back
 # how far it got, even when its printed output was piped through tail and so never came.
-log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "$WORK/logs/session.txt" "$OUT/session.txt"; }
+SESSION_LOGS=("$WORK/logs/session.txt" "$OUT/session.txt")
+log() { echo "[$(( $(date +%s) - T0 )) s] $*" | tee -a "${SESSION_LOGS[@]}"; }
 
 source scripts/device_site.sh || exit 1
 DADRN=(python3 -m DADRNLesionLib)
@@ -172,7 +173,7 @@ log_seeds() {  # every phantom set finished: merged at the start, and (GROW) wri
 log "caches ready: ${#parts[@]} (phantom generators: $PROCS)"
 [ ${#parts[@]} -gt 0 ] || { tail -5 "$WORK"/logs/data_p*.txt; exit 1; }
 unset OMP_NUM_THREADS MKL_NUM_THREADS OPENBLAS_NUM_THREADS
-"${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "$WORK/logs/session.txt" "$OUT/session.txt"
+"${DADRN[@]}" dataset cache --merge "${parts[@]}" --cache "$WORK/cache/all" --input-size "$SIZE" 2>&1 | tail -4 | tee -a "${SESSION_LOGS[@]}"
 rm -rf "${parts[@]}"
 # With GROW the generators go on beside the training: its CPU work (batch reads, resizes) gets the
 # cores they leave. With torch's default of a thread per core beside them (14 generators on 16
